@@ -1,0 +1,47 @@
+"""`python -m qatlab [overrides]`: compose conf/ with Hydra and run one experiment."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from qatlab.errors import QatlabError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def user_error(exc: BaseException) -> QatlabError | None:
+    """The QatlabError behind exc (Hydra wraps errors raised inside instantiate), if any."""
+    while exc is not None:
+        if isinstance(exc, QatlabError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def run(cfg: DictConfig) -> float | None:
+    from qatlab.train import train  # heavy imports after Hydra parsed the command line
+
+    try:
+        results = train(cfg)
+    except Exception as exc:  # noqa: BLE001 - turn known user errors into one clear line
+        err = user_error(exc)
+        if err is None:
+            raise
+        print(f"qatlab: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return results.get("test/ppl_student")  # the value a Hydra sweeper would minimize
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Corpora (offline gensim data, hub datasets, local files), the packing protocol, the DataModule."""
+
+from qatlab.data.corpora import load_documents
+from qatlab.data.datamodule import TextDataModule
+from qatlab.data.packing import pack_documents
+
+__all__ = ["TextDataModule", "load_documents", "pack_documents"]

@@ -1,0 +1,103 @@
+"""The method plugin interface every QAT / PTQ method implements.
+
+A run calls, in order:
+    method.convert(student)                      swap layers for fake-quant ones (in place)
+    method.init(student, teacher, calibration)   one-time init (clip search, SVID, ...)
+    method.loss(student_out, teacher_out, batch) per training step -> {"loss": ..., ...}
+    method.trainable_parameters(student)         what the optimizer updates
+    method.export(student, path)                 write what you would ship
+
+Class flags tell the training code what a method needs:
+    trains               False for PTQ methods (no optimizer, no fit)
+    needs_hidden_states  ask both models for hidden states (e.g. OneBit's MSE term)
+    training_mode        "whole_model" (one Lightning fit) or "blockwise" (e.g. ZeroQuant's LKD)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qatlab.errors import require
+from qatlab.quant import FakeQuantLinear, QuantConfig, fake_quantize, quantize_model
+
+
+class QuantMethod:
+    name: str = "base"
+    trains: bool = True
+    needs_hidden_states: bool = False
+    training_mode: str = "whole_model"
+
+    def __init__(
+        self,
+        weight: Mapping[str, Any] | None = None,
+        activation: Mapping[str, Any] | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = ("lm_head",),
+        trainable: str = "all",
+    ):
+        self.weight_config = QuantConfig.from_dict(weight, "weight")
+        self.act_config = QuantConfig.from_dict(activation, "activation")
+        self.include = list(include) if include else None
+        self.exclude = list(exclude)
+        require(
+            trainable in ("all", "quantized"),
+            f"method.trainable='{trainable}' is not known; use 'all' (every student parameter) "
+            "or 'quantized' (only the latent weights of fake-quant layers)",
+        )
+        self.trainable = trainable
+        self.quantized_layers: list[str] = []
+
+    # -- the interface -------------------------------------------------------------------
+    def convert(self, student: nn.Module) -> list[str]:
+        """Swap the targeted Linear layers for fake-quant layers sharing their Parameters."""
+        self.quantized_layers = quantize_model(
+            student, self.weight_config, self.act_config, include=self.include, exclude=self.exclude
+        )
+        return self.quantized_layers
+
+    def init(self, student: nn.Module, teacher: nn.Module, calibration: Iterable[dict]) -> None:
+        """One-time initialization before training; RTN-style methods need none."""
+
+    def loss(self, student_out: Any, teacher_out: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError(f"method '{self.name}' does not train")
+
+    def trainable_parameters(self, student: nn.Module) -> list[nn.Parameter]:
+        if self.trainable == "all":
+            return [p for p in student.parameters() if p.requires_grad]
+        return [m.weight for m in student.modules() if isinstance(m, FakeQuantLinear)]
+
+    def export(self, student: nn.Module, path: str | Path) -> Path:
+        """Write a dense HF checkpoint holding the dequantized weights the student computes with.
+
+        Any HF-compatible tool can load it to evaluate exactly what was trained. Packed low-bit
+        storage is a separate, method-specific format.
+        """
+        path = Path(path)
+        state = student.state_dict()
+        for name, module in student.named_modules():
+            if isinstance(module, FakeQuantLinear) and module.weight_cfg is not None:
+                with torch.no_grad():
+                    state[f"{name}.weight"] = fake_quantize(module.weight, module.weight_cfg)
+        student.save_pretrained(path, state_dict=state)
+        (path / "qatlab_manifest.json").write_text(json.dumps(self.describe(), indent=2))
+        return path
+
+    # -- helpers -------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Flat facts about the quantization, for logs and the results table."""
+        w, a = self.weight_config, self.act_config
+        return {
+            "method": self.name,
+            "w_bits": w.bits if w else 16,
+            "a_bits": a.bits if a else 16,
+            "group_size": w.group_size if w and w.granularity == "group" else None,
+            "w_granularity": w.granularity if w else None,
+            "w_symmetric": w.symmetric if w else None,
+            "quantized_layers": len(self.quantized_layers),
+        }

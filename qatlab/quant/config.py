@@ -1,0 +1,127 @@
+"""QuantConfig: what one quantizer (weights or activations) does, validated up front."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Mapping
+
+from qatlab.errors import QatlabError, require
+
+GRANULARITIES = ("tensor", "channel", "group", "token")
+GRIDS = ("int", "nf")
+# bits >= this means "keep full precision"; from_dict maps it to None (quantizer off).
+OFF_BITS = 16
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One quantizer's settings.
+
+    granularity (which elements share one scale; always reduced along the last dim):
+      tensor  - one scale for the whole tensor
+      channel - one per row: per output channel for a weight (out, in), per token for activations
+      token   - alias of channel, reads better for activations
+      group   - one per `group_size` consecutive elements of a row
+    """
+
+    bits: int = 4
+    symmetric: bool = True
+    granularity: str = "group"
+    group_size: int | None = 128
+    grid: str = "int"
+    name: str = field(default="weight", compare=False)  # only used to prefix error messages
+
+    def __post_init__(self) -> None:
+        n = self.name
+        require(
+            isinstance(self.bits, int) and not isinstance(self.bits, bool),
+            f"{n}.bits={self.bits!r} must be an integer; use 1-8",
+        )
+        require(
+            1 <= self.bits <= 8,
+            f"{n}.bits={self.bits} is out of range; use 1-8 "
+            f"(16 means 'not quantized': set the quantizer to null instead)",
+        )
+        require(
+            isinstance(self.symmetric, bool),
+            f"{n}.symmetric={self.symmetric!r} must be true or false",
+        )
+        require(
+            self.granularity in GRANULARITIES,
+            f"{n}.granularity={self.granularity!r} is not supported; use one of {', '.join(GRANULARITIES)}",
+        )
+        self._check_group_size()
+        require(self.grid in GRIDS, f"{n}.grid={self.grid!r} is not supported; use grid='int'")
+        if self.grid == "nf":
+            raise QatlabError("grid='nf' (normal-float) is not implemented yet; use grid='int'")
+
+    def _check_group_size(self) -> None:
+        if self.granularity != "group":
+            object.__setattr__(self, "group_size", None)  # ignored, so don't let it affect equality
+            return
+        g = self.group_size
+        require(
+            isinstance(g, int) and not isinstance(g, bool) and g > 0,
+            f"{self.name}.group_size={g!r} must be a positive integer when granularity=group "
+            f"(e.g. 128), or use granularity=channel",
+        )
+
+    @property
+    def binary(self) -> bool:
+        """1-bit symmetric: codes 0/1 stand for -s/+s."""
+        return self.bits == 1 and self.symmetric
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer code."""
+        if self.symmetric and not self.binary:
+            return -self.qmax
+        return 0
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code (restricted range when symmetric: -qmax..qmax)."""
+        if self.binary:
+            return 1
+        if self.symmetric:
+            return 2 ** (self.bits - 1) - 1
+        return 2**self.bits - 1
+
+    def describe(self) -> str:
+        """Short label like '4-bit sym group128' for reprs and logs."""
+        kind = "sym" if self.symmetric else "asym"
+        gran = f"group{self.group_size}" if self.granularity == "group" else self.granularity
+        return f"{self.bits}-bit {kind} {gran}"
+
+    def check_width(self, width: int, layer: str = "") -> None:
+        """Fail early when group_size does not divide a row of length `width`."""
+        if self.granularity != "group" or width % self.group_size == 0:
+            return
+        where = f" of layer '{layer}'" if layer else ""
+        hints = ", ".join(str(d) for d in _divisors_near(width, self.group_size))
+        raise QatlabError(
+            f"{self.name}.group_size={self.group_size} does not divide the input width {width}{where}; "
+            f"choose a group size that divides it (e.g. {hints}) or granularity=channel"
+        )
+
+    @classmethod
+    def from_dict(cls, d: Mapping | None, name: str) -> QuantConfig | None:
+        """Build from a config mapping; None or bits >= 16 means 'not quantized' and returns None."""
+        if d is None:
+            return None
+        d = {k: d[k] for k in d}
+        valid = [f.name for f in fields(cls) if f.name != "name"]
+        unknown = sorted(set(d) - set(valid))
+        require(not unknown, f"{name}: unknown key(s) {unknown}; valid keys are {valid}")
+        bits = d.get("bits", cls.bits)
+        if isinstance(bits, int) and bits >= OFF_BITS:
+            return None
+        return cls(**d, name=name)
+
+
+def _divisors_near(width: int, target: int, count: int = 3) -> list[int]:
+    """The `count` divisors of width closest to target (by ratio), ascending."""
+    divisors = [d for d in range(1, width + 1) if width % d == 0]
+    divisors.sort(key=lambda d: abs(math.log(d / target)))
+    return sorted(divisors[:count])

@@ -1,0 +1,39 @@
+"""Shared tiny models for fast CPU tests (random weights, no downloads)."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+@pytest.fixture
+def tiny_llama_model() -> LlamaForCausalLM:
+    """2-layer Llama, hidden 64, tied embeddings; eval mode, seeded."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_gpt2_model() -> GPT2LMHeadModel:
+    """1-layer GPT-2 (Conv1D projections), hidden 32; eval mode, seeded."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+# ---- shared cache for qatlab.models / qatlab.data tests ----------------------------------------
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def pytest_configure(config):
+    """One cache per checkout (git-ignored .cache/): SmolLM2 is dequantized once, corpora packed once."""
+    os.environ.setdefault("QATLAB_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "qatlab"))

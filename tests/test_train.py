@@ -1,0 +1,89 @@
+"""End-to-end: configs compose, runs finish, bad input fails with one clear line."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from qatlab.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def make_cfg(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides])
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(tmp_path, experiment):
+    cfg = make_cfg(tmp_path, f"experiment={experiment}")
+    assert cfg.method.name and cfg.model.name_or_path and cfg.trainer.max_steps > 0
+
+
+def test_tiny_kd_run_end_to_end(tmp_path):
+    cfg = make_cfg(tmp_path, "experiment=tiny_smoke")
+    results = train(cfg)
+    assert results["train/steps"] == cfg.trainer.max_steps
+    for key in ("test/ppl_teacher", "test/ppl_rtn", "test/ppl_student"):
+        assert math.isfinite(results[key]) and results[key] > 1, key
+    assert json.loads((tmp_path / "results.json").read_text())["method"] == "kd"
+    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "train/loss" in metrics and "test/ppl_student" in metrics
+
+
+def test_rtn_at_8_bits_is_within_one_percent_of_the_teacher_on_smollm2(tmp_path):
+    cfg = make_cfg(tmp_path, "method=rtn", "method.weight.bits=8", "method.weight.granularity=channel",
+                   "logger=none", "callbacks=none", "data.max_test_blocks=2")
+    results = train(cfg)
+    teacher, student = results["test/ppl_teacher"], results["test/ppl_student"]
+    print(f"teacher {teacher:.3f}  rtn-w8 {student:.3f}")
+    assert teacher < 50
+    assert abs(student - teacher) / teacher < 0.01
+
+
+def run_cli(*args, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "qatlab", *args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/multi"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_multirun_runs_two_jobs(tmp_path):
+    proc = run_cli("-m", "experiment=tiny_smoke", "method=rtn,kd", "trainer.max_steps=2", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((tmp_path / "multi").glob("*/results.json"))
+    assert [json.loads(p.read_text())["method"] for p in results] == ["rtn", "kd"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.weight.group_size=48", r"group_size=48 does not divide .*(64|128)"),
+        ("method.weight.bits=9", r"bits=9 is out of range"),
+        ("model.name_or_path=/no/such/model", r"'/no/such/model' does not exist"),
+        ("method.name=onebitt", r"unknown method 'onebitt'"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, override, message):
+    proc = run_cli("experiment=tiny_smoke", override, tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("qatlab: error:")]
+    assert len(error_lines) == 1, proc.stderr[-2000:]
+    import re
+    assert re.search(message, error_lines[0]), error_lines[0]
+
+
+def test_unknown_config_choice_lists_the_options(tmp_path):
+    proc = run_cli("method=onebitt", tmp_path=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'method/onebitt'" in proc.stderr and "kd" in proc.stderr
