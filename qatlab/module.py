@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,10 @@ from torch import Tensor, nn
 from qatlab.errors import QatlabError
 from qatlab.eval.perplexity import TokenPerplexity
 from qatlab.methods.base import QuantMethod
+
+
+# The frozen teacher is in eval mode on purpose; Lightning warns about any module that is.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def freeze(model: nn.Module) -> nn.Module:

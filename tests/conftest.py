@@ -1,5 +1,8 @@
 """Shared tiny models for fast CPU tests (random weights, no downloads)."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -30,8 +33,6 @@ def tiny_gpt2_model() -> GPT2LMHeadModel:
 
 
 # ---- shared cache for qatlab.models / qatlab.data tests ----------------------------------------
-import os  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 
 def pytest_configure(config):

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from qatlab.errors import QatlabError
 from qatlab.methods import METHODS, build_method, register_method
@@ -8,13 +8,6 @@ from qatlab.methods.base import QuantMethod
 from qatlab.module import QATModule
 from qatlab.quant import FakeQuantLinear
 from qatlab.train import make_student
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
 
 
 def test_unknown_method_lists_the_known_ones():
@@ -33,8 +26,8 @@ def test_registering_a_name_twice_fails_loudly():
     assert METHODS["kd"].__name__ == "KD"
 
 
-def test_rtn_converts_every_block_linear_and_keeps_the_teacher_untouched():
-    teacher = tiny_llama()
+def test_rtn_converts_every_block_linear_and_keeps_the_teacher_untouched(tiny_llama_model):
+    teacher = tiny_llama_model
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     method = build_method("rtn", weight={"bits": 4, "group_size": 32})
     student = make_student(teacher, method, "float32")
@@ -45,24 +38,24 @@ def test_rtn_converts_every_block_linear_and_keeps_the_teacher_untouched():
         assert torch.equal(value, before[key]), key
 
 
-def test_export_writes_a_dense_checkpoint_that_reproduces_the_student(tmp_path):
+def test_export_writes_a_dense_checkpoint_that_reproduces_the_student(tmp_path, tiny_llama_model):
     method = build_method("rtn", weight={"bits": 3, "group_size": 32})
-    student = make_student(tiny_llama(), method, "float32")
+    student = make_student(tiny_llama_model, method, "float32")
     path = method.export(student, tmp_path / "export")
     reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = torch.randint(0, 96, (2, 16))
+    ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, student(ids).logits, rtol=0, atol=1e-5)
     assert (path / "qatlab_manifest.json").exists()
 
 
-def test_kd_training_lowers_the_distillation_loss():
-    teacher = tiny_llama()
+def test_kd_training_lowers_the_distillation_loss(tiny_llama_model):
+    teacher = tiny_llama_model
     method = build_method("kd", weight={"bits": 2, "symmetric": False, "group_size": 32})
     student = make_student(teacher, method, "float32")
     module = QATModule(teacher, student, method, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
     optimizer = module.configure_optimizers()
-    batch = {"input_ids": torch.randint(0, 96, (4, 32)), "attention_mask": torch.ones(4, 32)}
+    batch = {"input_ids": torch.randint(0, 128, (4, 32)), "attention_mask": torch.ones(4, 32)}
     losses = []
     for _ in range(30):
         with torch.no_grad():
@@ -75,16 +68,16 @@ def test_kd_training_lowers_the_distillation_loss():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_kd_trains_only_what_it_says():
+def test_kd_trains_only_what_it_says(tiny_llama_model):
     method = build_method("kd", weight={"bits": 4, "group_size": 32}, trainable="quantized")
-    student = make_student(tiny_llama(), method, "float32")
+    student = make_student(tiny_llama_model, method, "float32")
     params = method.trainable_parameters(student)
     assert len(params) == 14
     assert all(p is m.weight for p, m in zip(params, [m for m in student.modules() if isinstance(m, FakeQuantLinear)]))
 
 
-def test_checkpoints_hold_the_student_only():
-    teacher = tiny_llama()
+def test_checkpoints_hold_the_student_only(tiny_llama_model):
+    teacher = tiny_llama_model
     method = build_method("kd", weight={"bits": 4, "group_size": 32})
     module = QATModule(teacher, make_student(teacher, method, "float32"), method, optimizer=torch.optim.AdamW)
     checkpoint = {"state_dict": module.state_dict()}

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import re
+
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -79,7 +81,6 @@ def test_bad_input_is_one_clear_line(tmp_path, override, message):
     assert "Traceback" not in proc.stderr
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("qatlab: error:")]
     assert len(error_lines) == 1, proc.stderr[-2000:]
-    import re
     assert re.search(message, error_lines[0]), error_lines[0]
 
 
@@ -87,3 +88,12 @@ def test_unknown_config_choice_lists_the_options(tmp_path):
     proc = run_cli("method=onebitt", tmp_path=tmp_path)
     assert proc.returncode != 0
     assert "Could not find 'method/onebitt'" in proc.stderr and "kd" in proc.stderr
+
+
+def test_empty_corpus_is_one_clear_line(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    proc = run_cli("experiment=tiny_smoke", "data=local", f"data.source_kwargs.path={empty}", tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert re.search(r"qatlab: error: .*has no text", proc.stderr), proc.stderr[-2000:]

@@ -64,7 +64,8 @@ def tokenize_stream(docs: list[str], tokenizer, separator: str) -> torch.Tensor:
     def tokenize(batch: dict) -> dict:
         return {"ids": tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]}
 
-    ds = datasets.Dataset.from_dict({"text": texts}).map(tokenize, batched=True, remove_columns=["text"])
+    ds = datasets.Dataset.from_dict({"text": texts})
+    ds = ds.map(tokenize, batched=True, remove_columns=["text"], desc="tokenize")
     flat = ds.with_format("arrow")["ids"].combine_chunks().flatten()  # row order is kept
     return torch.from_numpy(flat.to_numpy().astype("int64"))
 
