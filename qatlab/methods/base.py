@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from qatlab.errors import require
 from qatlab.quant import FakeQuantLinear, QuantConfig, fake_quantize, quantize_model
+from qatlab.quant.kv import enable_kv_quant
 
 
 class QuantMethod:
@@ -37,12 +38,15 @@ class QuantMethod:
         self,
         weight: Mapping[str, Any] | None = None,
         activation: Mapping[str, Any] | None = None,
+        kv: Mapping[str, Any] | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = ("lm_head",),
         trainable: str = "all",
     ):
         self.weight_config = QuantConfig.from_dict(weight, "weight")
-        self.act_config = QuantConfig.from_dict(activation, "activation")
+        # Activations and K/V are quantized per token unless the config says otherwise.
+        self.act_config = QuantConfig.from_dict(_per_token(activation), "activation")
+        self.kv_config = QuantConfig.from_dict(_per_token(kv), "kv")  # per token and head, post-RoPE
         self.include = list(include) if include else None
         self.exclude = list(exclude)
         require(
@@ -55,10 +59,12 @@ class QuantMethod:
 
     # -- the interface -------------------------------------------------------------------
     def convert(self, student: nn.Module) -> list[str]:
-        """Swap the targeted Linear layers for fake-quant layers sharing their Parameters."""
+        """Swap the targeted Linear layers for fake-quant layers sharing their Parameters; hook K/V."""
         self.quantized_layers = quantize_model(
             student, self.weight_config, self.act_config, include=self.include, exclude=self.exclude
         )
+        if self.kv_config is not None:
+            enable_kv_quant(student, self.kv_config)
         return self.quantized_layers
 
     def init(self, student: nn.Module, teacher: nn.Module, calibration: Iterable[dict]) -> None:
@@ -91,13 +97,18 @@ class QuantMethod:
     # -- helpers -------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """Flat facts about the quantization, for logs and the results table."""
-        w, a = self.weight_config, self.act_config
+        w, a, kv = self.weight_config, self.act_config, self.kv_config
         return {
             "method": self.name,
             "w_bits": w.bits if w else 16,
             "a_bits": a.bits if a else 16,
+            "kv_bits": kv.bits if kv else 16,
             "group_size": w.group_size if w and w.granularity == "group" else None,
             "w_granularity": w.granularity if w else None,
             "w_symmetric": w.symmetric if w else None,
             "quantized_layers": len(self.quantized_layers),
         }
+
+
+def _per_token(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if options is None else {"granularity": "token", **options}
