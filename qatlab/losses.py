@@ -1,10 +1,15 @@
-"""Distillation losses as pure functions of logits.
+"""Distillation losses as pure functions of logits: forward KL, reverse KL, CAKLD, JSD.
+
+Each takes (B, T, V) student and teacher logits and an optional (B, T) mask (1 = token counts),
+and returns the mean over counted tokens; gradients reach the student logits only.
 
 All math runs in fp32 on chunks of tokens, so the (tokens, vocab) fp32 upcast never exists for
 the whole batch at once: the forward pass and the analytic backward both walk the same chunks.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -74,3 +79,169 @@ def reference_forward_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tens
     log_ps = torch.log_softmax(student_logits.float(), dim=-1)
     log_pt = torch.log_softmax(teacher_logits.float(), dim=-1)
     return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+
+
+# ---- reverse KL, CAKLD, JSD: one chunked Function, a divergence supplies value and gradient -------
+#
+# Per token, with log-probabilities ls = log_softmax(s), lt = log_softmax(t), p = exp(ls), q = exp(lt):
+#   KL(S||T) = sum p (ls - lt)                 d/ds = p * (d - KL(S||T)),   d = ls - lt
+#   KL(T||S) = sum q (lt - ls)                 d/ds = p - q
+#   JSD_b    = b KL(T||M) + (1-b) KL(S||M),    M = b q + (1 - b) p
+#                                              d/ds = (1-b) p * (a - KL(S||M)),   a = ls - log M
+# (the JSD form: dJSD/dp_i = (1-b) log(p_i / M_i), then the softmax Jacobian p_j (delta_ij - p_i)).
+
+
+class _KLMix:
+    """gamma * KL(S||T) + (1 - gamma) * KL(T||S): gamma=1 is reverse KL, gamma=0 forward KL."""
+
+    def __init__(self, gamma: float):
+        self.gamma = gamma
+
+    def value(self, ls: Tensor, lt: Tensor) -> Tensor:  # (n, V) -> (n,)
+        d = ls - lt
+        reverse = (ls.exp() * d).sum(-1)
+        forward = -(lt.exp() * d).sum(-1)
+        return self.gamma * reverse + (1 - self.gamma) * forward
+
+    def grad(self, ls: Tensor, lt: Tensor) -> Tensor:  # (n, V) -> (n, V)
+        p, d = ls.exp(), ls - lt
+        reverse = p * (d - (p * d).sum(-1, keepdim=True))
+        return self.gamma * reverse + (1 - self.gamma) * (p - lt.exp())
+
+
+class _JSD:
+    """b * KL(T||M) + (1 - b) * KL(S||M) with M = b * p_T + (1 - b) * p_S (b = 0.5: the symmetric JSD)."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def _log_m(self, ls: Tensor, lt: Tensor) -> Tensor:
+        log_b = math.log(self.beta) if self.beta > 0 else -math.inf
+        log_1b = math.log(1 - self.beta) if self.beta < 1 else -math.inf
+        return torch.logaddexp(lt + log_b, ls + log_1b)
+
+    def value(self, ls: Tensor, lt: Tensor) -> Tensor:
+        log_m = self._log_m(ls, lt)
+        to_teacher = (lt.exp() * (lt - log_m)).sum(-1)
+        to_student = (ls.exp() * (ls - log_m)).sum(-1)
+        return self.beta * to_teacher + (1 - self.beta) * to_student
+
+    def grad(self, ls: Tensor, lt: Tensor) -> Tensor:
+        p, a = ls.exp(), ls - self._log_m(ls, lt)
+        return (1 - self.beta) * p * (a - (p * a).sum(-1, keepdim=True))
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """mean_i D(s_i, t_i) over rows, computed and differentiated chunk by chunk in fp32."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, div, chunk: int) -> Tensor:  # s, t: (N, V)
+        total = torch.zeros((), dtype=torch.float32, device=s.device)
+        for i in range(0, s.shape[0], chunk):
+            total += div.value(*_log_probs(s[i : i + chunk], t[i : i + chunk])).sum()
+        ctx.save_for_backward(s, t)
+        ctx.div, ctx.chunk = div, chunk
+        return total / max(s.shape[0], 1)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        s, t = ctx.saved_tensors
+        grad = torch.empty_like(s)
+        scale = grad_out.float() / max(s.shape[0], 1)
+        for i in range(0, s.shape[0], ctx.chunk):
+            rows = slice(i, i + ctx.chunk)
+            grad[rows] = (ctx.div.grad(*_log_probs(s[rows], t[rows])) * scale).to(s.dtype)
+        return grad, None, None, None
+
+
+def _log_probs(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.log_softmax(s.float(), dim=-1), torch.log_softmax(t.float(), dim=-1)
+
+
+def _check_weight(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{key}={value} must lie in [0, 1]")
+
+
+def reverse_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """KL(student || teacher) per token (mode-seeking), averaged over the tokens where mask is 1."""
+    s, t = _flatten(student_logits, teacher_logits.detach(), mask)
+    return _ChunkedDivergence.apply(s, t, _KLMix(1.0), chunk_size)
+
+
+def cakld(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    gamma: float,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """BitDistiller's confidence-aware KL: gamma * KL(S||T) + (1 - gamma) * KL(T||S), token mean.
+
+    gamma is the teacher's mean top-1 probability (see top1_probability_sum): a confident teacher
+    weighs the mode-seeking reverse KL more. gamma=0 is forward_kl, gamma=1 reverse_kl.
+    """
+    _check_weight("gamma", gamma)
+    s, t = _flatten(student_logits, teacher_logits.detach(), mask)
+    return _ChunkedDivergence.apply(s, t, _KLMix(float(gamma)), chunk_size)
+
+
+def jsd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """Generalized Jensen-Shannon divergence beta*KL(T||M) + (1-beta)*KL(S||M), M = beta*T + (1-beta)*S.
+
+    beta=0.5 (BitDistiller's and GKD's default) is the symmetric JSD, bounded by log 2.
+    """
+    _check_weight("beta", beta)
+    s, t = _flatten(student_logits, teacher_logits.detach(), mask)
+    return _ChunkedDivergence.apply(s, t, _JSD(float(beta)), chunk_size)
+
+
+@torch.no_grad()
+def top1_probability_sum(
+    teacher_logits: Tensor, mask: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK
+) -> tuple[Tensor, int]:
+    """(sum over kept tokens of max_c p_T(c), number of kept tokens), fp32, chunked: for CAKLD's gamma."""
+    _, t = _flatten(teacher_logits, teacher_logits, mask)
+    total = torch.zeros((), dtype=torch.float32, device=t.device)
+    for i in range(0, t.shape[0], chunk_size):
+        chunk = t[i : i + chunk_size].float()
+        # max softmax = exp(max logit - logsumexp)
+        total += (chunk.amax(-1) - torch.logsumexp(chunk, dim=-1)).exp().sum()
+    return total, t.shape[0]
+
+
+# ---- unchunked textbook versions: the references the tests hold the chunked ones to -------------
+
+
+def reference_reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    log_ps = torch.log_softmax(student_logits.float(), dim=-1)
+    log_pt = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return (log_ps.exp() * (log_ps - log_pt)).sum(-1).mean()
+
+
+def reference_cakld(student_logits: Tensor, teacher_logits: Tensor, gamma: float) -> Tensor:
+    return gamma * reference_reverse_kl(student_logits, teacher_logits) + (1 - gamma) * reference_forward_kl(
+        student_logits, teacher_logits
+    )
+
+
+def reference_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5) -> Tensor:
+    p_s = torch.softmax(student_logits.float(), dim=-1)
+    p_t = torch.softmax(teacher_logits.float(), dim=-1)
+    m = beta * p_t + (1 - beta) * p_s
+    to_teacher = (p_t * (p_t.log() - m.log())).sum(-1)
+    to_student = (p_s * (p_s.log() - m.log())).sum(-1)
+    return (beta * to_teacher + (1 - beta) * to_student).mean()

@@ -71,9 +71,11 @@ def test_group_size_must_divide_width():
     assert "e.g. 96, 144, 192" in msg  # the divisors of 576 nearest 128
 
 
-def test_grid_nf_not_implemented():
-    with pytest.raises(QatlabError, match=r"grid='nf' \(normal-float\) is not implemented yet; use grid='int'"):
-        QuantConfig(grid="nf")
+def test_grid_nf_exists_for_2_to_4_bits():
+    c = QuantConfig(bits=3, symmetric=False, grid="nf")
+    assert (c.qmin, c.qmax) == (0, 7)  # codes index the 8-value codebook
+    with pytest.raises(QatlabError, match=r"weight.bits=5 has no normal-float codebook; use bits 2-4"):
+        QuantConfig(bits=5, grid="nf")
 
 
 def test_unknown_grid():

@@ -10,6 +10,7 @@ from qatlab.errors import QatlabError, require
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
 GRIDS = ("int", "nf")
+NF_BITS = (2, 3, 4)  # normal-float codebooks (qatlab.quant.nf_grid) exist for these widths
 # bits >= this means "keep full precision"; from_dict maps it to None (quantizer off).
 OFF_BITS = 16
 
@@ -29,7 +30,7 @@ class QuantConfig:
     symmetric: bool = True
     granularity: str = "group"
     group_size: int | None = 128
-    grid: str = "int"
+    grid: str = "int"  # int: evenly spaced codes; nf: normal-float codebook (see qatlab.quant.nf_grid)
     name: str = field(default="weight", compare=False)  # only used to prefix error messages
 
     def __post_init__(self) -> None:
@@ -52,9 +53,11 @@ class QuantConfig:
             f"{n}.granularity={self.granularity!r} is not supported; use one of {', '.join(GRANULARITIES)}",
         )
         self._check_group_size()
-        require(self.grid in GRIDS, f"{n}.grid={self.grid!r} is not supported; use grid='int'")
-        if self.grid == "nf":
-            raise QatlabError("grid='nf' (normal-float) is not implemented yet; use grid='int'")
+        require(self.grid in GRIDS, f"{n}.grid={self.grid!r} is not supported; use one of {', '.join(GRIDS)}")
+        require(
+            self.grid != "nf" or self.bits in NF_BITS,
+            f"{n}.bits={self.bits} has no normal-float codebook; use bits 2-4 with grid=nf, or grid=int",
+        )
 
     def _check_group_size(self) -> None:
         if self.granularity != "group":
@@ -73,15 +76,22 @@ class QuantConfig:
         return self.bits == 1 and self.symmetric
 
     @property
+    def nf(self) -> bool:
+        """Normal-float grid: codes are indices 0..2^bits-1 into the codebook."""
+        return self.grid == "nf"
+
+    @property
     def qmin(self) -> int:
         """Smallest integer code."""
-        if self.symmetric and not self.binary:
+        if self.symmetric and not self.binary and not self.nf:
             return -self.qmax
         return 0
 
     @property
     def qmax(self) -> int:
-        """Largest integer code (restricted range when symmetric: -qmax..qmax)."""
+        """Largest integer code (restricted range when symmetric: -qmax..qmax; NF: the last index)."""
+        if self.nf:
+            return 2**self.bits - 1
         if self.binary:
             return 1
         if self.symmetric:
@@ -91,6 +101,8 @@ class QuantConfig:
     def describe(self) -> str:
         """Short label like '4-bit sym group128' for reprs and logs."""
         kind = "sym" if self.symmetric else "asym"
+        if self.nf:
+            kind += " nf"
         gran = f"group{self.group_size}" if self.granularity == "group" else self.granularity
         return f"{self.bits}-bit {kind} {gran}"
 

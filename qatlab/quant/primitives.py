@@ -9,6 +9,14 @@ Grids (grid="int"; codes are integers, `s` is the per-group scale):
       x_hat = (clamp(round(x / s) + zero, 0, 2^bits - 1) - zero) * s.
       min/max are widened to include 0 so the zero point always lies on the grid; otherwise an
       all-positive group would get zero < 0, be clamped to 0, and lose most of its range.
+Normal-float grid (grid="nf", bits 2-4; codebook c of 2^bits values on [-1, 1], qatlab.quant.nf_grid):
+  codes are codebook indices 0..2^bits-1; scale is (rows, 2) = (s_neg, s_pos): x < 0 is divided by
+  s_neg, x >= 0 by s_pos, then rounded to the nearest codebook value; x_hat = c[code] * (s_neg if
+  c[code] < 0 else s_pos); zero is None.
+      asymmetric: s_neg = -min, s_pos = max (min/max widened to include 0), so the group's min maps
+          to -1 and its max to +1 (BitDistiller's NF3 quantizer does exactly this);
+      symmetric: s_neg = s_pos = max|x| (QLoRA's absmax).
+  A given scale of shape (rows, 1) serves both halves.
 
 Rounding is torch.round: halves go to the even integer (0.5 -> 0, 1.5 -> 2).
 All qparams and codes are computed in float32; fake_quantize returns x's dtype.
@@ -22,6 +30,7 @@ from torch import Tensor
 
 from qatlab.errors import require
 from qatlab.quant.config import QuantConfig
+from qatlab.quant.nf_grid import nf_codebook, nf_round
 
 # Floor for max|x| and for the asymmetric step. Far above fp32's smallest normal, so x / scale
 # never overflows to inf or makes NaN; a group this small is all ~zero and dequantizes to 0.
@@ -49,6 +58,8 @@ def compute_qparams(xg: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor | None
     zero is None for symmetric grids; for asymmetric it is integer-valued float32.
     """
     xg = xg.float()
+    if cfg.nf:
+        return _nf_scales(xg, cfg), None
     if cfg.binary:
         return xg.abs().mean(dim=-1, keepdim=True).clamp_min(EPS), None
     if cfg.symmetric:
@@ -61,10 +72,28 @@ def compute_qparams(xg: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor | None
     return scale, zero
 
 
+def _nf_scales(xg: Tensor, cfg: QuantConfig) -> Tensor:
+    """(rows, 2): the scales of the negative and the positive half of each row."""
+    if cfg.symmetric:
+        amax = xg.abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
+        return torch.cat([amax, amax], dim=-1)
+    neg = (-xg.amin(dim=-1, keepdim=True)).clamp_min(EPS)
+    pos = xg.amax(dim=-1, keepdim=True).clamp_min(EPS)
+    return torch.cat([neg, pos], dim=-1)
+
+
+def _nf_codes_and_mask(xg: Tensor, cfg: QuantConfig, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Codebook indices (rows, g) as float, and a mask of entries inside the codebook's [-1, 1]."""
+    xn = torch.where(xg < 0, xg / scale[..., :1], xg / scale[..., -1:])
+    return nf_round(xn, cfg.bits).float(), xn.abs() <= 1
+
+
 def _codes_and_mask(
     xg: Tensor, cfg: QuantConfig, scale: Tensor, zero: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """Float codes (rows, g) and a bool mask of entries the clamp did not change."""
+    if cfg.nf:
+        return _nf_codes_and_mask(xg, cfg, scale)
     if cfg.binary:
         codes = (xg >= 0).float()
         return codes, torch.ones_like(xg, dtype=torch.bool)  # sign() clips nothing
@@ -88,11 +117,13 @@ def _params(
         require(zero is None, "a zero point was given without a scale; pass both or neither")
         return compute_qparams(xg, cfg)
     require(
-        cfg.symmetric or zero is not None,
+        cfg.symmetric or cfg.nf or zero is not None,
         f"{cfg.name}: an asymmetric quantizer needs a zero point when a scale is given",
     )
     scale = torch.as_tensor(scale, dtype=torch.float32, device=xg.device)
-    if zero is not None and not cfg.symmetric:
+    if cfg.nf and scale.dim() == 0:
+        scale = scale.reshape(1)  # NF picks the halves with scale[..., :1] / scale[..., -1:]
+    if zero is not None and not cfg.symmetric and not cfg.nf:
         zero = torch.as_tensor(zero, dtype=torch.float32, device=xg.device)
     else:
         zero = None
@@ -101,7 +132,6 @@ def _params(
 
 def _quantize(x: Tensor, cfg: QuantConfig, scale: Tensor | None, zero: Tensor | None):
     """Shared by quantize and FakeQuantSTE: (float codes, clamp mask, scale, zero)."""
-    require(cfg.grid == "int", f"{cfg.name}.grid={cfg.grid!r} is not implemented; use grid='int'")
     xg = group_view(x.detach(), cfg).float()  # (rows, g)
     scale, zero = _params(xg, cfg, scale, zero)
     codes, mask = _codes_and_mask(xg, cfg, scale, zero)
@@ -129,13 +159,15 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Inverse of quantize: codes (rows, g) back to real values of `shape` in `dtype`."""
-    c = codes.float()
-    if cfg.binary:
-        x = (2 * c - 1) * scale  # 0 -> -s, 1 -> +s
+    if cfg.nf:
+        v = nf_codebook(cfg.bits, codes.device)[codes.long()]
+        x = v.mul_(torch.where(v < 0, scale[..., :1], scale[..., -1:]))
+    elif cfg.binary:
+        x = (2 * codes.float() - 1) * scale  # 0 -> -s, 1 -> +s
     elif zero is None:
-        x = c * scale
+        x = codes.float() * scale
     else:
-        x = (c - zero) * scale
+        x = (codes.float() - zero) * scale
     return x.reshape(shape).to(dtype)
 
 
