@@ -33,32 +33,6 @@ def _flatten(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None
     return s, t
 
 
-class _ForwardKL(torch.autograd.Function):
-    """mean_i KL(p_T,i || p_S,i); d/ds = (softmax(s) - softmax(t)) / N, recomputed per chunk."""
-
-    @staticmethod
-    def forward(ctx, s: Tensor, t: Tensor, chunk: int) -> Tensor:  # s, t: (N, V)
-        total = torch.zeros((), dtype=torch.float32, device=s.device)
-        for i in range(0, s.shape[0], chunk):
-            log_ps = torch.log_softmax(s[i : i + chunk].float(), dim=-1)
-            log_pt = torch.log_softmax(t[i : i + chunk].float(), dim=-1)
-            total += (log_pt.exp() * (log_pt - log_ps)).sum()
-        ctx.save_for_backward(s, t)
-        ctx.chunk = chunk
-        return total / max(s.shape[0], 1)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        s, t = ctx.saved_tensors
-        grad = torch.empty_like(s)
-        scale = grad_out.float() / max(s.shape[0], 1)
-        for i in range(0, s.shape[0], ctx.chunk):
-            p_s = torch.softmax(s[i : i + ctx.chunk].float(), dim=-1)
-            p_t = torch.softmax(t[i : i + ctx.chunk].float(), dim=-1)
-            grad[i : i + ctx.chunk] = ((p_s - p_t) * scale).to(s.dtype)
-        return grad, None, None
-
-
 def forward_kl(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -71,7 +45,7 @@ def forward_kl(
     Shapes: logits (B, T, V), mask (B, T). Gradients flow to the student only.
     """
     s, t = _flatten(student_logits, teacher_logits.detach(), mask)
-    return _ForwardKL.apply(s, t, chunk_size)
+    return _ChunkedDivergence.apply(s, t, _KLMix(0.0), chunk_size)
 
 
 def reference_forward_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -97,16 +71,23 @@ class _KLMix:
     def __init__(self, gamma: float):
         self.gamma = gamma
 
+    # A term whose weight is 0 is skipped: plain forward KL pays for nothing else.
     def value(self, ls: Tensor, lt: Tensor) -> Tensor:  # (n, V) -> (n,)
         d = ls - lt
-        reverse = (ls.exp() * d).sum(-1)
-        forward = -(lt.exp() * d).sum(-1)
-        return self.gamma * reverse + (1 - self.gamma) * forward
+        total = torch.zeros(ls.shape[:-1], device=ls.device)
+        if self.gamma:
+            total += self.gamma * (ls.exp() * d).sum(-1)
+        if self.gamma != 1:
+            total -= (1 - self.gamma) * (lt.exp() * d).sum(-1)
+        return total
 
     def grad(self, ls: Tensor, lt: Tensor) -> Tensor:  # (n, V) -> (n, V)
-        p, d = ls.exp(), ls - lt
-        reverse = p * (d - (p * d).sum(-1, keepdim=True))
-        return self.gamma * reverse + (1 - self.gamma) * (p - lt.exp())
+        p = ls.exp()
+        total = (1 - self.gamma) * (p - lt.exp()) if self.gamma != 1 else torch.zeros_like(p)
+        if self.gamma:
+            d = ls - lt
+            total += self.gamma * p * (d - (p * d).sum(-1, keepdim=True))
+        return total
 
 
 class _JSD:
