@@ -122,7 +122,7 @@ def test_clip_cache_is_written_then_reused_without_searching(tmp_path, tiny_llam
 def test_gradient_checkpointing_option(tmp_path, tiny_llama_model):
     method = bitdistiller(tmp_path, gradient_checkpointing=True)
     student = make_student(tiny_llama_model, method, "float32")
-    assert student.is_gradient_checkpointing
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in student.modules())
 
 
 def make_cfg(tmp_path, *overrides):

@@ -45,6 +45,7 @@ from qatlab.errors import require
 from qatlab.models.embedded import default_cache_dir
 from qatlab.models.layer_maps import decoder_blocks, layer_map_for
 from qatlab.quant.config import QuantConfig
+from qatlab.quant.nf_grid import nf_codebook, nf_round
 from qatlab.quant.primitives import compute_qparams, fake_quantize
 
 log = logging.getLogger("qatlab")
@@ -150,7 +151,8 @@ def quantize_clamped(w: Tensor, lo: Tensor, hi: Tensor, cfg: QuantConfig) -> Ten
 
     Bit-identical to the plain call, but cheaper: the clamped group's min/max are its own min/max
     clamped, so the MinMax qparams come from (P, ..., 2) extremes instead of a reduction over every
-    candidate, and the int grid is evaluated in place (fresh CPU allocations of this size dominate).
+    candidate, and the grids are evaluated with few, mostly in-place passes (fresh CPU allocations
+    of this size dominate); test_clip_search checks the bit-identity for int and NF grids.
     """
     clamped = torch.clamp(w, lo, hi)  # broadcasts to (P, ..., g)
     if cfg.binary:  # its scale is mean|x|, which the extremes do not give
@@ -160,8 +162,9 @@ def quantize_clamped(w: Tensor, lo: Tensor, hi: Tensor, cfg: QuantConfig) -> Ten
     scale, zero = compute_qparams(ends.reshape(-1, 2), cfg)
     scale = scale.reshape(*ends.shape[:-1], -1)  # (P, ..., 1), or (P, ..., 2) for NF
     zero = None if zero is None else zero.reshape(*ends.shape[:-1], 1)
-    if cfg.nf:
-        return fake_quantize(clamped, cfg, scale.reshape(-1, 2), None).reshape(clamped.shape)
+    if cfg.nf:  # as primitives' NF path: halves scaled by -min / max, nearest codebook value
+        halves = torch.where(clamped < 0, scale[..., :1], scale[..., 1:])
+        return nf_codebook(cfg.bits, w.device)[nf_round(clamped.div_(halves), cfg.bits)].mul_(halves)
     codes = clamped.div_(scale).round_()
     if zero is not None:
         codes.add_(zero)

@@ -84,7 +84,7 @@ def _nf_scales(xg: Tensor, cfg: QuantConfig) -> Tensor:
 
 def _nf_codes_and_mask(xg: Tensor, cfg: QuantConfig, scale: Tensor) -> tuple[Tensor, Tensor]:
     """Codebook indices (rows, g) as float, and a mask of entries inside the codebook's [-1, 1]."""
-    xn = torch.where(xg < 0, xg / scale[..., :1], xg / scale[..., -1:])
+    xn = xg / torch.where(xg < 0, scale[..., :1], scale[..., -1:])
     return nf_round(xn, cfg.bits).float(), xn.abs() <= 1
 
 
