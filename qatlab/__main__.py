@@ -30,12 +30,39 @@ def run(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)
     except Exception as exc:  # noqa: BLE001 - turn known user errors into one clear line
+        if in_multirun() and cfg.get("sweep_continue_on_error", True):
+            return record_failed_job(exc, cfg)
         err = user_error(exc)
         if err is None:
             raise
         print(f"qatlab: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return results.get("test/ppl_student")  # the value a Hydra sweeper would minimize
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def record_failed_job(exc: BaseException, cfg: DictConfig) -> None:
+    """A sweep job failed: log it with its traceback, add a failed row to the results store, go on."""
+    import logging
+    import traceback
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from qatlab.results import append_row, failed_row
+
+    overrides = " ".join(HydraConfig.get().overrides.task)
+    logging.getLogger("qatlab").error("sweep job failed (%s):\n%s", overrides, traceback.format_exc())
+    print(f"qatlab: job failed, sweep continues: {user_error(exc) or exc}", file=sys.stderr)
+    if cfg.get("results_file"):
+        append_row(cfg.results_file, failed_row(user_error(exc) or exc, task_name=cfg.get("task_name"),
+                                                overrides=overrides, output_dir=str(cfg.paths.output_dir)))
+    return None
 
 
 def main() -> None:

@@ -226,3 +226,34 @@ def reference_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float = 
     to_teacher = (p_t * (p_t.log() - m.log())).sum(-1)
     to_student = (p_s * (p_s.log() - m.log())).sum(-1)
     return (beta * to_teacher + (1 - beta) * to_student).mean()
+
+
+# ---- hidden-state matching (OneBit) ---------------------------------------------------------------
+
+
+def normalized_hidden_mse(
+    student_hidden: tuple[Tensor, ...] | list[Tensor],
+    teacher_hidden: tuple[Tensor, ...] | list[Tensor],
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Sum over layers of the mean over counted tokens of ||t/|t| - s/|s|||^2, fp32.
+
+    OneBit's hidden-state term: each (B, T, C) hidden state is L2-normalized per token, so the
+    term matches directions, not scales (the per-token value lies in [0, 4]: 2 - 2 cos). Pass
+    the per-layer tuples of the same length (e.g. `hidden_states[1:]`); mask (B, T), 1 = counts.
+    Gradients reach the student only.
+    """
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(
+            f"{len(student_hidden)} student and {len(teacher_hidden)} teacher hidden states; "
+            "teacher and student must have the same number of layers"
+        )
+    keep = None if mask is None else mask.reshape(-1).bool()
+    terms = []
+    for s, t in zip(student_hidden, teacher_hidden):
+        s = torch.nn.functional.normalize(s.float().reshape(-1, s.shape[-1]), dim=-1)  # (N, C)
+        t = torch.nn.functional.normalize(t.detach().float().reshape(-1, t.shape[-1]), dim=-1)
+        if keep is not None:
+            s, t = s[keep], t[keep]
+        terms.append((s - t).pow(2).sum(-1).mean())
+    return torch.stack(terms).sum()

@@ -13,14 +13,17 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from qatlab.errors import QatlabError, require
 from qatlab.eval.perplexity import perplexity
 from qatlab.eval.table import markdown_table
+from qatlab.eval import zero_shot
 from qatlab.methods import QuantMethod, build_method
 from qatlab.models import load_causal_lm
 from qatlab.module import QATModule
+from qatlab.results import append_row, run_row
 
 log = logging.getLogger("qatlab")
 
@@ -32,6 +35,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     L.seed_everything(cfg.seed, workers=True)
     method = hydra.utils.instantiate(cfg.method)
+    zero_shot_cfg = cfg.eval.get("zero_shot") or {}
+    if zero_shot_cfg.get("tasks"):  # fail before any model runs: lm-eval missing, unknown task, bad limit
+        zero_shot.check(zero_shot_cfg, cfg.paths.cache_dir)
     teacher, tokenizer = load_causal_lm(**model_loader_args(cfg.model))
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.set_tokenizer(tokenizer)
@@ -52,7 +58,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     trainer = build_trainer(cfg)
     log_config(trainer, cfg)
-    if method.trains:
+    if method.trains and method.training_mode == "blockwise":  # e.g. ZeroQuant's LKD (qatlab/lkd.py)
+        results.update(method.fit_blockwise(student, teacher, datamodule))
+    elif method.trains:
         module = QATModule(
             teacher, student, method,
             optimizer=hydra.utils.instantiate(cfg.optimizer),
@@ -61,6 +69,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         results["train/steps"] = trainer.global_step
     results["test/ppl_student"] = evaluate(student, test_blocks, cfg, "student")
+    if zero_shot_cfg.get("tasks"):
+        results.update(zero_shot.teacher_and_student(teacher, student, tokenizer, zero_shot_cfg, cfg.paths.cache_dir))
     results["test/windows"] = len(test_blocks)
     results["time/wall_s"] = round(time.time() - started, 1)
 
@@ -119,7 +129,8 @@ def evaluate(model: torch.nn.Module, blocks: torch.Tensor, cfg: DictConfig, who:
 def evaluate_rtn(teacher: torch.nn.Module, method: QuantMethod, blocks: torch.Tensor, cfg: DictConfig) -> float:
     """RTN at the method's own weight/activation settings: the baseline row next to it."""
     rtn = build_method("rtn", weight=_as_dict(method.weight_config), activation=_as_dict(method.act_config),
-                       kv=_as_dict(method.kv_config), include=method.include, exclude=method.exclude)
+                       kv=_as_dict(method.kv_config), include=method.include, exclude=method.exclude,
+                       weight_overrides=method.weight_overrides)
     baseline = make_student(teacher, rtn, cfg.model.student_dtype)
     ppl = evaluate(baseline, blocks, cfg, "rtn")
     del baseline
@@ -147,20 +158,46 @@ def log_config(trainer: L.Trainer, cfg: DictConfig) -> None:
 def finish(trainer: L.Trainer, method: QuantMethod, student: torch.nn.Module, cfg: DictConfig,
            results: dict[str, Any]) -> None:
     """Log final metrics, write results.json, optionally export, print the table."""
+    results["bits_per_weight"] = round(method.bits_per_weight(student), 4)
     numbers = {k: v for k, v in results.items() if "/" in k and isinstance(v, (int, float))}
     for logger in trainer.loggers:
         logger.log_metrics(numbers, step=trainer.global_step)
+        if isinstance(logger, WandbLogger):  # summary values: what a W&B runs table compares
+            logger.experiment.summary.update({k: v for k, v in results.items() if isinstance(v, (str, int, float))})
         logger.finalize("success")
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.get("export"):
         results["export_dir"] = str(method.export(student, out / "export"))
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    if cfg.get("results_file"):
+        append_row(cfg.results_file, run_row(results, **run_context(cfg, trainer)))
     print(results_table(results, cfg))
 
 
+def run_context(cfg: DictConfig, trainer: L.Trainer | None) -> dict[str, Any]:
+    """What the results store wants beside the metrics: which run, what it saw, where it ran."""
+    steps = trainer.global_step if trainer is not None else 0
+    accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+    world = trainer.world_size if trainer is not None else 1
+    return {
+        "task_name": cfg.task_name,
+        "overrides": " ".join(hydra_overrides()),
+        "tokens_seen": steps * accumulate * world * cfg.data.batch_size * cfg.data.block_size,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "output_dir": str(cfg.paths.output_dir),
+    }
+
+
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of this job ([] outside a Hydra app, e.g. in tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def results_table(results: dict[str, Any], cfg: DictConfig) -> str:
-    bits = f"W{results['w_bits']}A{results['a_bits']}" + (f"KV{results['kv_bits']}" if results["kv_bits"] < 16 else "")
+    bits = f"W{results.get('w_bits_label', results['w_bits'])}A{results['a_bits']}" + (f"KV{results['kv_bits']}" if results["kv_bits"] < 16 else "")
     group = f" g{results['group_size']}" if results.get("group_size") else ""
     rows = [("teacher", "16", results["test/ppl_teacher"])]
     if "test/ppl_rtn" in results:

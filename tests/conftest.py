@@ -38,3 +38,5 @@ def tiny_gpt2_model() -> GPT2LMHeadModel:
 def pytest_configure(config):
     """One cache per checkout (git-ignored .cache/): SmolLM2 is dequantized once, corpora packed once."""
     os.environ.setdefault("QATLAB_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "qatlab"))
+    # Runs made by tests append their rows to a throwaway store, not the user's outputs/results.jsonl.
+    os.environ.setdefault("QATLAB_RESULTS", str(Path(__file__).resolve().parent.parent / ".cache" / "test_results.jsonl"))

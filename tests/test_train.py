@@ -30,6 +30,22 @@ def test_every_experiment_composes(tmp_path, experiment):
     assert cfg.method.name and cfg.model.name_or_path and cfg.trainer.max_steps > 0
 
 
+def test_experiment_keys_override_the_top_level_defaults(tmp_path):
+    cfg = make_cfg(tmp_path, "experiment=bitdistiller_smollm2_w2")
+    assert cfg.task_name == "bitdistiller_smollm2_w2" and cfg.init_batches == 8  # train.yaml says train / 4
+    assert make_cfg(tmp_path, "experiment=bitdistiller_smollm2_w2", "init_batches=3").init_batches == 3
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
+def test_sweep_presets_name_real_options(tmp_path, sweep):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"sweep={sweep}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params
+    for experiment in str(params.get("experiment", "")).split(","):
+        assert not experiment or (CONF / "experiment" / f"{experiment}.yaml").exists(), experiment
+
+
 def test_tiny_kd_run_end_to_end(tmp_path):
     cfg = make_cfg(tmp_path, "experiment=tiny_smoke")
     results = train(cfg)
@@ -64,6 +80,20 @@ def test_multirun_runs_two_jobs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = sorted((tmp_path / "multi").glob("*/results.json"))
     assert [json.loads(p.read_text())["method"] for p in results] == ["rtn", "kd"]
+
+
+def test_a_failed_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    store = tmp_path / "results.jsonl"
+    proc = run_cli("-m", "experiment=tiny_smoke", "method=rtn", "method.weight.bits=9,4", f"results_file={store}",
+                   tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "job failed, sweep continues" in proc.stderr
+    rows = [json.loads(line) for line in store.read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["failed", "ok"]
+    assert "bits=9 is out of range" in rows[0]["error"] and "method.weight.bits=9" in rows[0]["overrides"]
+    ok = rows[1]
+    assert ok["method"] == "rtn" and ok["w_bits"] == 4 and ok["device"] == "cpu"
+    assert 4 < ok["bits_per_weight"] < 5 and math.isfinite(ok["test/ppl_student"])
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -263,9 +264,10 @@ def decode(model, starts: torch.Tensor, cfg: GenerationConfig, noise: torch.Tens
     device = next(model.parameters()).device
     ids = starts.to(device)  # (B, s)
     step_input, past = ids, None
+    cache_kw = cache_keyword(model)
     for k in range(cfg.length - starts.shape[1]):
-        out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=step_input, use_cache=True, **{cache_kw: past})
+        past = getattr(out, cache_kw)
         logits = out.logits[:, -1, :vocab].float()  # (B, V); rows past the tokenizer are padding
         if k < cfg.greedy_tokens:
             nxt = logits.argmax(-1)
@@ -274,6 +276,11 @@ def decode(model, starts: torch.Tensor, cfg: GenerationConfig, noise: torch.Tens
         step_input = nxt[:, None]  # (B, 1)
         ids = torch.cat([ids, step_input], dim=1)
     return ids.cpu()
+
+
+def cache_keyword(model) -> str:
+    """The KV-cache argument/output name: `cache` from transformers 5.24 on, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float | None, u: torch.Tensor) -> torch.Tensor:

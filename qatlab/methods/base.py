@@ -6,6 +6,7 @@ A run calls, in order:
     method.loss(student_out, teacher_out, batch) per training step -> {"loss": ..., ...}
     method.trainable_parameters(student)         what the optimizer updates
     method.export(student, path)                 write what you would ship
+    method.fit_blockwise(student, teacher, data) training_mode="blockwise" only: replaces the whole-model fit
 
 Class flags tell the training code what a method needs:
     trains               False for PTQ methods (no optimizer, no fit)
@@ -42,8 +43,16 @@ class QuantMethod:
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = ("lm_head",),
         trainable: str = "all",
+        weight_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         self.weight_config = QuantConfig.from_dict(weight, "weight")
+        # Mixed precision by layer: regex (re.search on the layer name) -> keys merged onto `weight`,
+        # e.g. {"self_attn": {"bits": 8}}; the first matching pattern wins (qatlab.quant.swap).
+        self.weight_overrides = {p: dict(o) for p, o in _check_overrides(weight_overrides).items()}
+        self.weight_override_configs = {
+            p: QuantConfig.from_dict({**(weight or {}), **o}, f"weight_overrides[{p!r}]")
+            for p, o in self.weight_overrides.items()
+        }
         # Activations and K/V are quantized per token unless the config says otherwise.
         self.act_config = QuantConfig.from_dict(_per_token(activation), "activation")
         self.kv_config = QuantConfig.from_dict(_per_token(kv), "kv")  # per token and head, post-RoPE
@@ -61,7 +70,8 @@ class QuantMethod:
     def convert(self, student: nn.Module) -> list[str]:
         """Swap the targeted Linear layers for fake-quant layers sharing their Parameters; hook K/V."""
         self.quantized_layers = quantize_model(
-            student, self.weight_config, self.act_config, include=self.include, exclude=self.exclude
+            student, self.weight_config, self.act_config, include=self.include, exclude=self.exclude,
+            weight_overrides=self.weight_override_configs,
         )
         if self.kv_config is not None:
             enable_kv_quant(student, self.kv_config)
@@ -72,6 +82,10 @@ class QuantMethod:
 
     def loss(self, student_out: Any, teacher_out: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError(f"method '{self.name}' does not train")
+
+    def fit_blockwise(self, student: nn.Module, teacher: nn.Module, datamodule: Any) -> dict[str, Any]:
+        """Train block by block instead of one whole-model fit; returns metrics for results.json."""
+        raise NotImplementedError(f"method '{self.name}' has training_mode='{self.training_mode}'")
 
     def trainable_parameters(self, student: nn.Module) -> list[nn.Parameter]:
         if self.trainable == "all":
@@ -94,6 +108,17 @@ class QuantMethod:
         (path / "qatlab_manifest.json").write_text(json.dumps(self.describe(), indent=2))
         return path
 
+    def bits_per_weight(self, student: nn.Module) -> float:
+        """Average stored bits per weight of the quantized layers (codes + fp16 scales/zeros): the
+        x axis of a PPL-vs-bits plot. 16.0 when nothing is quantized."""
+        bits = count = 0
+        for module in student.modules():
+            if isinstance(module, FakeQuantLinear) and module.weight_cfg is not None:
+                rows, width = module.weight.shape
+                bits += module.weight_cfg.storage_bits(rows, width)
+                count += rows * width
+        return bits / count if count else 16.0
+
     # -- helpers -------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """Flat facts about the quantization, for logs and the results table."""
@@ -107,7 +132,34 @@ class QuantMethod:
             "w_granularity": w.granularity if w else None,
             "w_symmetric": w.symmetric if w else None,
             "quantized_layers": len(self.quantized_layers),
+            **self._describe_overrides(),
         }
+
+    def _describe_overrides(self) -> dict[str, Any]:
+        """Only with weight_overrides: a bits label like '4/8' and each pattern's quantizer."""
+        if not self.weight_overrides:
+            return {}
+        configs = [self.weight_config, *self.weight_override_configs.values()]
+        bits = sorted({c.bits if c else 16 for c in configs})
+        return {
+            "w_bits_label": "/".join(map(str, bits)),
+            "weight_overrides": {p: c.describe() if c else "off" for p, c in self.weight_override_configs.items()},
+        }
+
+
+def _check_overrides(overrides: Mapping[str, Any] | None) -> Mapping[str, Mapping[str, Any]]:
+    overrides = overrides or {}
+    require(
+        isinstance(overrides, Mapping),
+        f"weight_overrides={overrides!r} must map layer-name regexes to weight keys, e.g. {{self_attn: {{bits: 8}}}}",
+    )
+    for pattern, options in overrides.items():
+        require(
+            isinstance(pattern, str) and isinstance(options, Mapping),
+            f"weight_overrides entry {pattern!r}: {options!r} must be a regex string mapped to weight keys, "
+            "e.g. {self_attn: {bits: 8}}",
+        )
+    return overrides
 
 
 def _per_token(options: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -213,13 +213,14 @@ class _Stop(Exception):
     """Raised by the pre-hook on block 0 once its inputs are caught."""
 
 
-def _to(obj: Any, device: torch.device) -> Any:
+def to_device(obj: Any, device: torch.device) -> Any:
+    """obj with every tensor inside (nested tuples, lists, dicts) moved to device."""
     if isinstance(obj, Tensor):
         return obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(to_device(o, device) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -245,7 +246,7 @@ def block0_inputs(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[Tensor, 
     return hidden, tuple(args[1:]), kwargs
 
 
-def _calibration(batches: Iterable[Mapping[str, Tensor]], tokens: int | None) -> list[tuple[Tensor, Tensor]]:
+def calibration_sequences(batches: Iterable[Mapping[str, Tensor]], tokens: int | None) -> list[tuple[Tensor, Tensor]]:
     """(input_ids, mask) pairs: whole sequences, in order, until `tokens` counted tokens."""
     pairs, seen = [], 0
     for batch in batches:
@@ -260,19 +261,73 @@ def _calibration(batches: Iterable[Mapping[str, Tensor]], tokens: int | None) ->
     return pairs
 
 
+_calibration = calibration_sequences  # the older private name
+
+
+@dataclass
+class BlockInputs:
+    """What the calibration sequences feed one decoder block: one entry per sequence."""
+
+    hidden: list[Tensor]  # (1, T, H) each, on the walk's device; replaced by each block's outputs
+    args: list[tuple]  # the other positional args the model passes its blocks (as caught)
+    kwargs: list[dict]  # attention mask, position ids / rotary embeddings, ...
+    keeps: list[Tensor]  # (T,) bool, on the walk's device: the tokens that count (not padding)
+
+
+def capture_block_inputs(
+    model: nn.Module, calibration: list[tuple[Tensor, Tensor]], device: torch.device
+) -> BlockInputs:
+    """Block 0's inputs for every (input_ids (1, T), mask (1, T)) sequence, hidden states moved to device."""
+    states = [block0_inputs(model, ids, mask) for ids, mask in calibration]
+    return BlockInputs(
+        hidden=[to_device(h, device) for h, _, _ in states],
+        args=[a for _, a, _ in states],
+        kwargs=[k for _, _, k in states],
+        keeps=[mask.reshape(-1).bool().to(device) for _, mask in calibration],
+    )
+
+
+@torch.no_grad()
+def run_block(
+    block: nn.Module, inputs: BlockInputs, device: torch.device, hooks: Mapping[nn.Module, Any] | None = None
+) -> list[Tensor]:
+    """The block's output hidden states for every sequence (the next block's inputs).
+
+    `block` must already be on `device`. `hooks` maps a module inside it to a forward hook with a
+    `keep` attribute (e.g. GramHook), which is set to the current sequence's token mask.
+    """
+    hooks = hooks or {}
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    outputs = []
+    try:
+        for b, hidden in enumerate(inputs.hidden):
+            for hook in hooks.values():
+                hook.keep = inputs.keeps[b]
+            out = block(hidden, *to_device(inputs.args[b], device), **to_device(inputs.kwargs[b], device))
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
 def clip_targets(layers: Mapping[str, nn.Module], skip_qk: bool) -> dict[str, nn.Module]:
     """The layers the search clips: all given ones, minus q/k projections when skip_qk."""
     return {n: m for n, m in layers.items() if not (skip_qk and n.rsplit(".", 1)[-1] in QK_NAMES)}
 
 
-def _by_block(names: Iterable[str], prefix: str, n_blocks: int) -> list[list[str]]:
+def layers_by_block(
+    names: Iterable[str], prefix: str, n_blocks: int,
+    who: str = "clip search", off: str = "set method.clip.enabled=false",
+) -> list[list[str]]:
+    """Layer names grouped by the index N of their decoder block '<prefix>.N.'."""
     per_block = [[] for _ in range(n_blocks)]
     for name in names:
         head, _, rest = name.removeprefix(prefix + ".").partition(".")
         require(
             name.startswith(prefix + ".") and head.isdigit() and rest,
-            f"layer '{name}' is outside the decoder blocks ('{prefix}.N'); clip search handles block layers "
-            "only: exclude it from method.include or set method.clip.enabled=false",
+            f"layer '{name}' is outside the decoder blocks ('{prefix}.N'); {who} handles block layers "
+            f"only: exclude it from method.include or {off}",
         )
         per_block[int(head)].append(name)
     return per_block
@@ -290,11 +345,9 @@ def search_model(
     Returns (results, mean over layers of error / error_minmax).
     """
     blocks = decoder_blocks(teacher)
-    per_block = _by_block(targets, layer_map_for(teacher).blocks, len(blocks))
+    per_block = layers_by_block(targets, layer_map_for(teacher).blocks, len(blocks))
     last = max((i for i, names in enumerate(per_block) if names), default=-1)
-    states = [block0_inputs(teacher, ids, mask) for ids, mask in calibration]
-    hidden = [_to(h, device) for h, _, _ in states]
-    keeps = [mask.reshape(-1).bool().to(device) for _, mask in calibration]
+    inputs = capture_block_inputs(teacher, calibration, device)
     results: dict[str, ClipResult] = {}
     bar = tqdm(total=len(targets), desc="clip search", unit="layer")
     for i in range(last + 1):
@@ -304,14 +357,7 @@ def search_model(
         for name in per_block[i]:
             layer = targets[name]
             hooks[name] = GramHook(layer.in_features, _group_size(layer.weight_cfg, layer.in_features), device)
-        handles = [teacher.get_submodule(n).register_forward_hook(h) for n, h in hooks.items()]
-        for b, (_, args, kwargs) in enumerate(states):
-            for hook in hooks.values():
-                hook.keep = keeps[b]
-            out = block(hidden[b], *_to(args, device), **_to(kwargs, device))
-            hidden[b] = out[0] if isinstance(out, tuple) else out
-        for handle in handles:
-            handle.remove()
+        inputs.hidden = run_block(block, inputs, device, {teacher.get_submodule(n): h for n, h in hooks.items()})
         block.to(home)
         for name, hook in hooks.items():
             layer = targets[name]
@@ -379,7 +425,7 @@ def load_clips(path: Path, names: Iterable[str]) -> dict[str, tuple[Tensor, Tens
 # ---- the entry point ----------------------------------------------------------------------------
 
 
-def _device(name: str) -> torch.device:
+def search_device(name: str) -> torch.device:
     """auto: this process's GPU (LOCAL_RANK under a multi-GPU launcher), else the CPU."""
     if name == "auto":
         if not torch.cuda.is_available():
@@ -400,7 +446,7 @@ def asymmetric_clip_init(
     targets = clip_targets(layers, config.skip_qk)
     if not targets:
         return ClipReport(0, 0.0, False, None)
-    calibration = _calibration(batches, config.tokens)
+    calibration = calibration_sequences(batches, config.tokens)
     require(bool(calibration), "clip search got no calibration batches; set init_batches >= 1 or method.clip.enabled=false")
     key = cache_key(student, teacher, targets, calibration, config)
     path = Path(config.cache_dir or default_cache_dir() / "clip") / f"{key}.safetensors"
@@ -410,7 +456,7 @@ def asymmetric_clip_init(
             apply_clip(targets[name].weight.data, lo, hi)
         log.info("clip: reused %d layers from %s", len(cached), path)
         return ClipReport(len(cached), time.time() - started, True, path)
-    results, error_ratio = search_model(teacher, targets, calibration, config.ratios(), _device(config.device))
+    results, error_ratio = search_model(teacher, targets, calibration, config.ratios(), search_device(config.device))
     if config.cache:
         save_clips(path, results, key)
     seconds = time.time() - started

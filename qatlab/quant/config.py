@@ -106,6 +106,14 @@ class QuantConfig:
         gran = f"group{self.group_size}" if self.granularity == "group" else self.granularity
         return f"{self.bits}-bit {kind} {gran}"
 
+    def storage_bits(self, rows: int, width: int) -> int:
+        """Bits to store a (rows, width) weight at this setting: the codes plus fp16 scales (and zero
+        points when asymmetric; NF's asymmetric form stores two half-scales instead, same count)."""
+        per_row = {"group": width // self.group_size if self.group_size else 1, "channel": 1, "token": 1}
+        scales = 1 if self.granularity == "tensor" else rows * per_row[self.granularity]
+        params_per_scale = 1 if self.symmetric or self.binary else 2
+        return rows * width * self.bits + scales * params_per_scale * 16
+
     def check_width(self, width: int, layer: str = "") -> None:
         """Fail early when group_size does not divide a row of length `width`."""
         if self.granularity != "group" or width % self.group_size == 0:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -106,17 +106,57 @@ def swap_linears(
     return sorted(new)
 
 
+def assign_weight_configs(
+    names: Sequence[str],
+    default: QuantConfig | None,
+    overrides: Mapping[str, QuantConfig | None] | None = None,
+) -> dict[str, QuantConfig | None]:
+    """Layer name -> its weight config: the first override pattern (re.search) matching it, else default.
+
+    Mixed precision by layer (e.g. ZeroQuant's W4/8: {"self_attn": 8-bit config}). Every pattern
+    must match at least one of `names`, so a typo cannot silently leave the default in place.
+    """
+    overrides = dict(overrides or {})
+    compiled = list(zip(_compile(list(overrides), "weight_overrides"), overrides.values()))
+    chosen, used = {}, set()
+    for name in names:
+        chosen[name] = default
+        for i, (pattern, cfg) in enumerate(compiled):
+            if pattern.search(name):
+                chosen[name] = cfg
+                used.add(i)
+                break
+    for i, (pattern, _) in enumerate(compiled):
+        if i in used:
+            continue
+        if any(pattern.search(n) for n in names):
+            raise QatlabError(
+                f"weight_overrides pattern {pattern.pattern!r} only matches layers an earlier pattern already "
+                "takes (the first matching pattern wins); reorder or narrow the patterns"
+            )
+        raise QatlabError(
+            f"weight_overrides pattern {pattern.pattern!r} matches none of the {len(names)} quantized layers "
+            f"(e.g. {list(names)[:3]}); patterns are regexes searched in the full layer name"
+        )
+    return chosen
+
+
 def quantize_model(
     model: nn.Module,
     weight_cfg: QuantConfig | None,
     act_cfg: QuantConfig | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    weight_overrides: Mapping[str, QuantConfig | None] | None = None,
 ) -> list[str]:
-    """Swap the chosen Linear layers for FakeQuantLinear; returns their names, sorted."""
+    """Swap the chosen Linear layers for FakeQuantLinear; returns their names, sorted.
+
+    weight_overrides: regex -> weight config for the layers it matches (see assign_weight_configs).
+    """
+    weights = assign_weight_configs(list(find_linears(model, include, exclude)), weight_cfg, weight_overrides)
 
     def make(name: str, linear: nn.Linear) -> FakeQuantLinear:
-        return FakeQuantLinear.from_linear(linear, weight_cfg, act_cfg, name)
+        return FakeQuantLinear.from_linear(linear, weights.get(name, weight_cfg), act_cfg, name)
 
     return swap_linears(model, make, include, exclude)
 

@@ -1,0 +1,70 @@
+"""The results store: one JSON line per finished (or failed) run, appended to a shared file.
+
+Every run of a sweep appends to the same file (conf `results_file`, default
+outputs/results.jsonl), so `python -m qatlab.report` and notebooks/ can compare runs without
+W&B. A line is written with one O_APPEND write of a complete line, under an exclusive lock,
+so concurrent jobs never interleave and a kill never leaves half a line that parses.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+# The columns a row has (zero-shot scores `test/<task>/acc` are added as they exist).
+COLUMNS = (
+    "status", "task_name", "method", "model", "w_bits", "a_bits", "kv_bits", "group_size",
+    "bits_per_weight", "steps", "tokens_seen", "test/ppl_teacher", "test/ppl_rtn",
+    "test/ppl_student", "time/wall_s", "device", "output_dir", "finished_at",
+)
+
+
+def run_row(results: dict[str, Any], **context: Any) -> dict[str, Any]:
+    """A store row from a run's results dict plus context (task_name, output_dir, tokens_seen...)."""
+    row = {"status": "ok", **context}
+    for key in COLUMNS:
+        if key in results:
+            row[key] = results[key]
+    row.update({k: v for k, v in results.items() if k.startswith("test/") and k not in row})
+    row.setdefault("steps", results.get("train/steps", 0))
+    row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return row
+
+
+def failed_row(error: BaseException, **context: Any) -> dict[str, Any]:
+    """A row that records a failed sweep job, so the report shows the hole instead of hiding it."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return {"status": "failed", "error": f"{type(error).__name__}: {message}"[:500], **context,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def append_row(path: str | Path, row: dict[str, Any]) -> Path:
+    """Append one row as a single locked write of a whole line."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(row, sort_keys=False, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, line)
+    finally:
+        os.close(fd)  # closing releases the lock
+    return path
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a store; a line that does not parse (not written by qatlab) is skipped."""
+    path = Path(path).expanduser()
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
