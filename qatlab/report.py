@@ -44,12 +44,12 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     )
     shots = zero_shot_columns(ok)
     header = ["method", "model", "bits", "bits/weight", "steps", "tokens", "teacher PPL", "RTN PPL",
-              "student PPL", *[k.split("/")[1] for k in shots], "wall s", "device"]
+              "student PPL", *[k.split("/")[1] for k in shots], "wall s", "device", "overrides"]
     table = [
         [r.get("method"), Path(str(r.get("model"))).name, bits_label(r), _num(r.get("bits_per_weight")),
          r.get("steps", 0), r.get("tokens_seen", 0), _num(r.get("test/ppl_teacher")), _num(r.get("test/ppl_rtn")),
          _num(r.get("test/ppl_student")), *[_num(r.get(k)) for k in shots], _num(r.get("time/wall_s")),
-         r.get("device", "")]
+         r.get("device", ""), _short(r.get("overrides", ""))]
         for r in ok
     ]
     text = markdown_table(header, table)
@@ -61,21 +61,33 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return text
 
 
+def _short(overrides: str, width: int = 80) -> str:
+    """The overrides that tell runs apart (logging/output plumbing dropped), `|`-safe for markdown."""
+    noise = ("logger=", "callbacks=", "hydra.", "+trainer.limit_val_batches", "results_file=")
+    kept = " ".join(o for o in str(overrides).split() if not o.startswith(noise)).replace("|", "/")
+    return kept if len(kept) <= width else kept[: width - 3] + "..."
+
+
 def _num(value: Any) -> Any:
     return "" if value is None else value
 
 
 def plot_series(rows: list[dict[str, Any]], by: str = "method") -> dict[str, list[tuple[float, float]]]:
-    """{line label: [(bits per weight, PPL), ...] sorted by bits}; the latest run wins a tie."""
+    """{line label: [(bits per weight, PPL), ...] sorted by bits}: each line's best run at each
+    bits per weight (the usual paper plot; the table lists every run, ablations included)."""
     points: dict[str, dict[float, float]] = defaultdict(dict)
-    for r in sorted((r for r in rows if r.get("status", "ok") == "ok"), key=lambda r: r.get("finished_at", "")):
+
+    def add(label: str, x: float, ppl: float) -> None:
+        points[label][x] = min(ppl, points[label].get(x, math.inf))
+
+    for r in rows:
         x = r.get("bits_per_weight")
-        if x is None:
+        if r.get("status", "ok") != "ok" or x is None:
             continue
         if _finite(r.get("test/ppl_student")):
-            points[str(r.get(by))][float(x)] = float(r["test/ppl_student"])
+            add(str(r.get(by)), float(x), float(r["test/ppl_student"]))
         if _finite(r.get("test/ppl_rtn")) and r.get("method") != "rtn":
-            points.setdefault("rtn", {}).setdefault(float(x), float(r["test/ppl_rtn"]))
+            add("rtn", float(x), float(r["test/ppl_rtn"]))
     return {label: sorted(xy.items()) for label, xy in sorted(points.items())}
 
 

@@ -50,6 +50,7 @@ def test_table_lists_runs_by_bits_then_the_failures(store):
 
 
 def test_plot_series_puts_every_runs_rtn_baseline_on_the_rtn_line(store):
+    append_row(store, row("kd", 2, 4011.0))  # a worse run at the same bits (e.g. init only): not the line's point
     series = plot_series(read_rows(store))
     assert series["kd"] == [(2.5, 159.5), (4.5, 29.07)]
     assert series["rtn"] == [(2.5, 338948.0), (4.5, 36.5), (8.5, 23.6)]
