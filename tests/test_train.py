@@ -57,6 +57,16 @@ def test_tiny_kd_run_end_to_end(tmp_path):
     assert "train/loss" in metrics and "test/ppl_student" in metrics
 
 
+def test_tiny_run_logs_to_offline_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = make_cfg(tmp_path, "experiment=tiny_smoke", "logger=wandb", "trainer.max_steps=2", f"results_file={tmp_path}/r.jsonl")
+    assert cfg.logger.wandb.group == "tiny_smoke" and cfg.logger.wandb.job_type == "kd"
+    assert list(cfg.logger.wandb.tags) == ["kd", "w4", "tiny-llama"]
+    train(cfg)
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert json.loads((tmp_path / "r.jsonl").read_text())["method"] == "kd"
+
+
 def test_rtn_at_8_bits_is_within_one_percent_of_the_teacher_on_smollm2(tmp_path):
     cfg = make_cfg(tmp_path, "method=rtn", "method.weight.bits=8", "method.weight.granularity=channel",
                    "logger=none", "callbacks=none", "data.max_test_blocks=2")
