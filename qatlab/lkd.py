@@ -35,20 +35,24 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from qatlab.atomic import atomic_path, atomic_write_text
 from qatlab.data.random_tokens import random_token_batches
 from qatlab.errors import require
 from qatlab.models.layer_maps import decoder_blocks
@@ -60,6 +64,7 @@ DATA = ("corpus", "random")
 INPUTS = ("student", "teacher")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # "-true" modes would recast the student's weights
+PROGRESS = "progress.json"  # in the progress dir: {"done": blocks finished, "report": their records}
 
 
 @dataclass(frozen=True)
@@ -145,11 +150,15 @@ def run_lkd(
     config: LKDConfig,
     trainable: Callable[[nn.Module], list[nn.Parameter]] | None = None,
     optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    progress_dir: str | Path | None = None,
+    resume_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """LKD over every decoder block of `student` (in place); returns metrics for results.json.
 
     trainable(block) picks a block's trained parameters (default: all of them); optimizer(params)
     builds each block's fresh optimizer (default: Adam with config.lr / weight_decay).
+    progress_dir: after each block, its weights and the block index are saved there (atomically);
+    resume_dir: a progress_dir of a killed run with this config: its finished blocks are loaded, not retrained.
     """
     fabric = Fabric(accelerator=config.accelerator, devices=1, precision=config.precision)
     s_blocks, t_blocks = decoder_blocks(student), decoder_blocks(teacher)
@@ -158,9 +167,13 @@ def run_lkd(
     optimizer = optimizer or (lambda params: torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay))
     started = time.time()
     chunks = [capture(student, b, fabric.device) for b in batches]
-    report = []
-    for k in range(len(s_blocks)):
+    report = resume_blocks(fabric, Path(resume_dir), s_blocks, t_blocks, chunks, config) if resume_dir else []
+    if progress_dir is not None:
+        start_progress(Path(progress_dir), s_blocks, report, resume_dir)
+    for k in range(len(report), len(s_blocks)):
         report.append(distill_block(fabric, k, s_blocks, t_blocks, chunks, config, trainable, optimizer))
+        if progress_dir is not None:
+            save_block(Path(progress_dir), k, s_blocks[k], report)
     before = sum(r["mse_before"] for r in report) / len(report)
     after = sum(r["mse_after"] for r in report) / len(report)
     return {
@@ -268,6 +281,53 @@ def _advance(fabric: Fabric, s_block: nn.Module, chunks: list[Chunk], use_studen
             count += c.y.numel()
             c.x, c.y = (out if use_student else c.y), None  # streamed: one (x, y) pair per chunk at a time
     return sse / count
+
+
+# ---- progress: resume a killed LKD at the first unfinished block --------------------------------
+
+
+def save_block(progress_dir: Path, k: int, block: nn.Module, report: list[dict]) -> None:
+    """Block k's weights, then the index (atomically, in that order: the index never names a missing file)."""
+    with atomic_path(progress_dir / f"block_{k:03d}.safetensors") as tmp:
+        save_file({n: t.detach().cpu().contiguous() for n, t in block.state_dict().items()}, str(tmp))
+    atomic_write_text(progress_dir / PROGRESS, json.dumps({"done": k + 1, "report": report}))
+
+
+def start_progress(progress_dir: Path, s_blocks: nn.ModuleList, report: list[dict], resume_dir: Any) -> None:
+    """A fresh run forgets an older run's progress; one resumed from another dir copies its loaded blocks here."""
+    if not resume_dir:
+        (progress_dir / PROGRESS).unlink(missing_ok=True)
+    elif Path(resume_dir).resolve() != progress_dir.resolve():
+        for k in range(len(report)):
+            save_block(progress_dir, k, s_blocks[k], report[: k + 1])
+
+
+def resume_blocks(
+    fabric: Fabric, resume_dir: Path, s_blocks: nn.ModuleList, t_blocks: nn.ModuleList, chunks: list[Chunk],
+    config: LKDConfig,
+) -> list[dict]:
+    """Load the finished blocks and move the calibration inputs past them; their records, or [] if none."""
+    path = resume_dir / PROGRESS
+    if not path.is_file():
+        return []
+    progress = json.loads(path.read_text(encoding="utf-8"))
+    for k in range(progress["done"]):
+        s_blocks[k].load_state_dict(load_file(str(resume_dir / f"block_{k:03d}.safetensors")))
+        s_blocks[k].requires_grad_(False)
+        _replay_block(fabric, s_blocks[k], t_blocks[k], chunks, use_student=config.inputs == "student")
+    log.info("LKD: resumed with %d/%d blocks done (%s)", progress["done"], len(s_blocks), resume_dir)
+    return progress["report"]
+
+
+def _replay_block(fabric: Fabric, s_block: nn.Module, t_block: nn.Module, chunks: list[Chunk], use_student: bool) -> None:
+    """The data flow of distill_block without the training: the same next-block inputs, bit for bit."""
+    s_home, t_home = _device_of(s_block), _device_of(t_block)
+    s_block.to(fabric.device)
+    t_block.to(fabric.device)
+    _targets(fabric, s_block, t_block, chunks)
+    t_block.to(t_home)
+    _advance(fabric, s_block, chunks, use_student)
+    s_block.to(s_home)
 
 
 def _lr_factor(schedule: str, steps: int, step: int) -> float:

@@ -14,6 +14,9 @@ import math
 import torch
 from torch import Tensor
 
+from qatlab.errors import QatlabError
+from qatlab.losses_topk import TopKLogits, topk_cakld, topk_top1_probability_sum
+
 DEFAULT_CHUNK = 1024  # tokens per chunk: 1024 x 49152 fp32 = 200 MB peak for the upcast
 
 
@@ -43,7 +46,10 @@ def forward_kl(
 
     Equals LLM-QAT's soft-label cross-entropy minus the (constant) teacher entropy.
     Shapes: logits (B, T, V), mask (B, T). Gradients flow to the student only.
+    teacher_logits may be a TopKLogits (the teacher cache): then the sparse top-k version runs.
     """
+    if isinstance(teacher_logits, TopKLogits):
+        return topk_cakld(student_logits, teacher_logits, mask, gamma=0.0, chunk_size=chunk_size)
     s, t = _flatten(student_logits, teacher_logits.detach(), mask)
     return _ChunkedDivergence.apply(s, t, _KLMix(0.0), chunk_size)
 
@@ -151,6 +157,8 @@ def reverse_kl(
     chunk_size: int = DEFAULT_CHUNK,
 ) -> Tensor:
     """KL(student || teacher) per token (mode-seeking), averaged over the tokens where mask is 1."""
+    if isinstance(teacher_logits, TopKLogits):
+        return topk_cakld(student_logits, teacher_logits, mask, gamma=1.0, chunk_size=chunk_size)
     s, t = _flatten(student_logits, teacher_logits.detach(), mask)
     return _ChunkedDivergence.apply(s, t, _KLMix(1.0), chunk_size)
 
@@ -169,6 +177,8 @@ def cakld(
     weighs the mode-seeking reverse KL more. gamma=0 is forward_kl, gamma=1 reverse_kl.
     """
     _check_weight("gamma", gamma)
+    if isinstance(teacher_logits, TopKLogits):
+        return topk_cakld(student_logits, teacher_logits, mask, gamma=float(gamma), chunk_size=chunk_size)
     s, t = _flatten(student_logits, teacher_logits.detach(), mask)
     return _ChunkedDivergence.apply(s, t, _KLMix(float(gamma)), chunk_size)
 
@@ -186,6 +196,8 @@ def jsd(
     beta=0.5 (BitDistiller's and GKD's default) is the symmetric JSD, bounded by log 2.
     """
     _check_weight("beta", beta)
+    if isinstance(teacher_logits, TopKLogits):
+        raise QatlabError("jsd has no top-k form; with teacher_cache.enabled=true use forward_kl, reverse_kl or cakld")
     s, t = _flatten(student_logits, teacher_logits.detach(), mask)
     return _ChunkedDivergence.apply(s, t, _JSD(float(beta)), chunk_size)
 
@@ -195,6 +207,8 @@ def top1_probability_sum(
     teacher_logits: Tensor, mask: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK
 ) -> tuple[Tensor, int]:
     """(sum over kept tokens of max_c p_T(c), number of kept tokens), fp32, chunked: for CAKLD's gamma."""
+    if isinstance(teacher_logits, TopKLogits):
+        return topk_top1_probability_sum(teacher_logits, mask)
     _, t = _flatten(teacher_logits, teacher_logits, mask)
     total = torch.zeros((), dtype=torch.float32, device=t.device)
     for i in range(0, t.shape[0], chunk_size):

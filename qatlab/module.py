@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from qatlab.data.logit_cache import cached_teacher_output
 from qatlab.errors import QatlabError
 from qatlab.eval.perplexity import TokenPerplexity
 from qatlab.methods.base import QuantMethod
@@ -33,14 +33,15 @@ class QATModule(L.LightningModule):
 
     def __init__(
         self,
-        teacher: nn.Module,
+        teacher: nn.Module | None,
         student: nn.Module,
         method: QuantMethod,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
     ):
         super().__init__()
-        self.teacher = freeze(teacher)
+        # None with teacher_cache on: the batches carry its top-k and it stays off the accelerator.
+        self.teacher = freeze(teacher) if teacher is not None else None
         self.student = student
         self.method = method
         self.optimizer_factory = optimizer
@@ -51,26 +52,33 @@ class QATModule(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # Lightning calls .train() on the whole module; the teacher stays eval
+        if self.teacher is not None:
+            self.teacher.eval()  # Lightning calls .train() on the whole module; the teacher stays eval
         return self
 
     def forward(self, batch: dict[str, Tensor], **kwargs: Any) -> Any:
         return self.student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
 
+    def teacher_outputs(self, batch: dict[str, Tensor], hidden: dict[str, Any]) -> Any:
+        """The teacher's output: read from the batch (teacher_cache: top-k logits), else a no-grad forward."""
+        cached = cached_teacher_output(batch)
+        if cached is not None:
+            if hidden:
+                raise QatlabError(f"method '{self.method.name}' needs the teacher's hidden states, which the "
+                                  "teacher cache does not hold; set teacher_cache.enabled=false")
+            return cached
+        if self.teacher is None:
+            raise QatlabError("QATModule has no teacher and the batch carries no cached teacher top-k; "
+                              "pass the teacher or turn teacher_cache.enabled on")
+        with torch.no_grad():
+            return self.teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **hidden)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         hidden = {"output_hidden_states": True} if self.method.needs_hidden_states else {}
-        with torch.no_grad():
-            teacher_out = self.teacher(
-                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **hidden
-            )
+        teacher_out = self.teacher_outputs(batch, hidden)
         student_out = self(batch, **hidden)
         losses = self.method.loss(student_out, teacher_out, batch)
-        loss = losses["loss"]
-        if not math.isfinite(loss.item()):
-            raise QatlabError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
-                "lower the learning rate, use bf16 instead of fp16, or resume from the last checkpoint"
-            )
+        loss = losses["loss"]  # a non-finite one is skipped and counted by NonFiniteGuard (qatlab/callbacks)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
 
@@ -90,3 +98,7 @@ class QATModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
+        checkpoint["qatlab_method"] = self.method.state_dict()  # e.g. BitDistiller's CAKLD gamma
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.method.load_state_dict(checkpoint.get("qatlab_method", {}))

@@ -57,14 +57,23 @@ def append_row(path: str | Path, row: dict[str, Any]) -> Path:
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a store; a line that does not parse (not written by qatlab) is skipped."""
+    """All rows of a store. A line that does not parse is skipped; if it is a torn line (a writer killed
+    mid-write, outside qatlab's single-write append) with a whole row appended after it, that row is kept."""
     path = Path(path).expanduser()
     rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
+    for line in path.read_text(errors="replace").splitlines():
+        row = _parse_row(line)
+        if row is None:
+            start = line.rfind('{"status"')  # every qatlab row starts with its status key
+            row = _parse_row(line[start:]) if start > 0 else None
+        if row is not None:
             rows.append(row)
     return rows
+
+
+def _parse_row(text: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None

@@ -41,7 +41,7 @@ def test_rtn_converts_every_block_linear_and_keeps_the_teacher_untouched(tiny_ll
 def test_export_writes_a_dense_checkpoint_that_reproduces_the_student(tmp_path, tiny_llama_model):
     method = build_method("rtn", weight={"bits": 3, "group_size": 32})
     student = make_student(tiny_llama_model, method, "float32")
-    path = method.export(student, tmp_path / "export")
+    path = method.export_dense(student, tmp_path / "export")
     reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from qatlab.export import load_onebit, storage_report
+from qatlab.export import load_packed, storage_report
 from qatlab.methods import build_method
 from qatlab.models import load_causal_lm
 from qatlab.train import make_student
@@ -39,16 +39,16 @@ def main() -> None:
         teacher.to(torch.bfloat16).save_pretrained(tmp / "bf16")
         bf16_file = folder_bytes(tmp / "bf16", "*.safetensors")
         report = storage_report(export)
-        loaded = load_onebit(export, dtype="float32")
+        loaded = load_packed(export, dtype="float32")
         assert loaded(input_ids=torch.arange(16)[None]).logits.isfinite().all()
 
     print(f"export: {export}")
     print(f"parameters (tied counted once):   {report['params']:,}")
     print(f"bf16 checkpoint (safetensors):    {bf16_file / 2**20:8.2f} MiB  (2 x params = {report['bf16_bytes'] / 2**20:.2f} MiB)")
-    print(f"OneBit packed (onebit.safetensors): {report['file_bytes'] / 2**20:6.2f} MiB")
+    print(f"OneBit packed (model.safetensors):  {report['file_bytes'] / 2**20:6.2f} MiB")
     print(f"compression vs the bf16 file:     {bf16_file / report['file_bytes']:.2f}x")
     print(f"bits per weight, all included:    {report['bits_per_weight_all']:.3f}")
-    print(f"bits per weight, OneBit layers:   {report['bits_per_weight_linear']:.3f}  (signs + g + h + norm + bias)")
+    print(f"bits per weight, OneBit layers:   {report['bits_per_weight_linear']:.3f}  (signs 32 per int32 + g + h + norm, no bias)")
 
 
 if __name__ == "__main__":

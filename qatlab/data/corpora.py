@@ -11,11 +11,10 @@ import hashlib
 import inspect
 import itertools
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
+from qatlab.atomic import atomic_write_text
 from qatlab.errors import QatlabError, require
 from qatlab.models.embedded import default_cache_dir
 
@@ -89,7 +88,7 @@ def _cached_wiki_articles(cache_dir: Path) -> list[dict]:
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     articles = parse_wiki_dump(gensim_test_data() / WIKI_FILE)
-    write_atomic(path, json.dumps(articles, ensure_ascii=False))
+    atomic_write_text(path, json.dumps(articles, ensure_ascii=False))
     return articles
 
 
@@ -201,18 +200,6 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temp file beside `path`, then rename: a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 SOURCES = {

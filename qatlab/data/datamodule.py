@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qatlab.data.corpora import load_documents
+from qatlab.data.logit_cache import CachedBlockDataset
 from qatlab.data.packing import pack_documents
 from qatlab.errors import QatlabError, require
 from qatlab.models.embedded import default_cache_dir
@@ -60,11 +61,15 @@ class TextDataModule(L.LightningDataModule):
         self.cache_dir = str(cache_dir or default_cache_dir())
         self.seed = seed
         self.tokenizer = None
+        self.teacher_cache = None  # a LogitCache of the train blocks (teacher_cache.enabled): batches carry the teacher's top-k
         self._blocks: dict[str, torch.Tensor] = {}
 
     def set_tokenizer(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self._blocks.clear()  # blocks depend on the tokenizer
+
+    def set_teacher_cache(self, cache) -> None:
+        self.teacher_cache = cache
 
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}
@@ -108,5 +113,8 @@ class TextDataModule(L.LightningDataModule):
         return self._loader("test", self.eval_batch_size)
 
     def _loader(self, split: str, batch_size: int, **kwargs) -> DataLoader:
-        return DataLoader(BlockDataset(self.blocks(split)), batch_size=batch_size,
+        dataset = BlockDataset(self.blocks(split))
+        if split == "train" and self.teacher_cache is not None:
+            dataset = CachedBlockDataset(self.blocks(split), self.teacher_cache)
+        return DataLoader(dataset, batch_size=batch_size,
                           num_workers=self.num_workers, **kwargs)

@@ -22,8 +22,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from qatlab.atomic import atomic_path, atomic_write_text
 from qatlab.data.packing import tokenizer_fingerprint
 from qatlab.errors import require
 
@@ -148,13 +147,8 @@ def shard_path(out: Path, k: int) -> Path:
 def save_shard(ids: torch.Tensor, path: Path) -> None:
     """Temp file in the same folder, then rename: a kill never leaves half a shard under the real name.
     (A kill between the two leaves a hidden .tmp file, which nothing reads.)"""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"input_ids": ids.contiguous()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({"input_ids": ids.contiguous()}, str(tmp))
 
 
 def manifest(model, tokenizer, cfg: GenerationConfig, prompts, model_id: str | None) -> dict:
@@ -181,10 +175,7 @@ def write_manifest(out: Path, info: dict) -> None:
         )
         return
     out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{MANIFEST}-", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True))
 
 
 def content_fields(cfg: GenerationConfig) -> dict:

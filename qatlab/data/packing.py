@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from qatlab.atomic import atomic_path
 from qatlab.errors import require
 
 PROTOCOL = "pack-v1"  # bump when the protocol changes, so old caches are not reused
@@ -105,11 +104,5 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def save_atomic(blocks: torch.Tensor, path: Path) -> None:
     """safetensors via a temp file and rename: a killed run never leaves a half-written cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({"blocks": blocks}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({"blocks": blocks}, str(tmp))

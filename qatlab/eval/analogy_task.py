@@ -21,10 +21,11 @@ directory under the cache; pass that directory to `lm_eval.tasks.TaskManager(inc
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import defaultdict
 from pathlib import Path
+
+from qatlab.atomic import atomic_write_text
 
 TASK = "analogies"
 VERSION = 2  # bump when the documents change, so a stale cached directory is not reused
@@ -104,13 +105,6 @@ def write_task(root: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{TASK}.jsonl"
     docs = build_docs(read_questions(questions_path()), seed)
-    _atomic_write(data, "".join(json.dumps(doc) + "\n" for doc in docs))
-    _atomic_write(yaml_path, YAML.format(task=TASK, data=json.dumps(str(data.resolve())), version=VERSION))
+    atomic_write_text(data, "".join(json.dumps(doc) + "\n" for doc in docs))
+    atomic_write_text(yaml_path, YAML.format(task=TASK, data=json.dumps(str(data.resolve())), version=VERSION))
     return folder
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file and os.replace, so concurrent runs never read half a file."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

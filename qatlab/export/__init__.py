@@ -1,5 +1,11 @@
-"""Packed, method-specific export formats and their loaders."""
+"""Packed low-bit export (one format for every method), its loader and its storage report.
 
-from qatlab.export.onebit import export_onebit, load_onebit, storage_report
+export_packed(student, path) writes the checkpoint (layout: qatlab.export.manifest); load_packed(path)
+rebuilds an inference model from it; storage_report(path) measures it.
+"""
 
-__all__ = ["export_onebit", "load_onebit", "storage_report"]
+from qatlab.export.loader import load_packed
+from qatlab.export.storage import storage_report
+from qatlab.export.writer import export_packed
+
+__all__ = ["export_packed", "load_packed", "storage_report"]

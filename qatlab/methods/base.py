@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from qatlab.errors import require
+from qatlab.export import export_packed
 from qatlab.quant import FakeQuantLinear, QuantConfig, fake_quantize, quantize_model
 from qatlab.quant.kv import enable_kv_quant
 
@@ -83,8 +84,11 @@ class QuantMethod:
     def loss(self, student_out: Any, teacher_out: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError(f"method '{self.name}' does not train")
 
-    def fit_blockwise(self, student: nn.Module, teacher: nn.Module, datamodule: Any) -> dict[str, Any]:
-        """Train block by block instead of one whole-model fit; returns metrics for results.json."""
+    def fit_blockwise(self, student: nn.Module, teacher: nn.Module, datamodule: Any,
+                      progress_dir: Path | None = None, resume_dir: Path | None = None) -> dict[str, Any]:
+        """Train block by block instead of one whole-model fit; returns metrics for results.json.
+
+        progress_dir: where finished blocks are saved as they finish; resume_dir: a killed run's progress_dir."""
         raise NotImplementedError(f"method '{self.name}' has training_mode='{self.training_mode}'")
 
     def trainable_parameters(self, student: nn.Module) -> list[nn.Parameter]:
@@ -92,11 +96,19 @@ class QuantMethod:
             return [p for p in student.parameters() if p.requires_grad]
         return [m.weight for m in student.modules() if isinstance(m, FakeQuantLinear)]
 
-    def export(self, student: nn.Module, path: str | Path) -> Path:
+    def export(self, student: nn.Module, path: str | Path, dtype: str = "float16") -> Path:
+        """Write the packed checkpoint you would ship (qatlab.export; qatlab.export.load_packed reads it).
+
+        Codes packed into int32 words with per-group scales (and zero points), the activation and K/V
+        quantizers in the manifest; latent weights are not written. dtype: the scales' and the other
+        floating tensors' storage (float32 reproduces the student's logits exactly on CPU).
+        """
+        return export_packed(student, path, dtype=dtype, method=self.name, facts=self.describe(), kv=self.kv_config)
+
+    def export_dense(self, student: nn.Module, path: str | Path) -> Path:
         """Write a dense HF checkpoint holding the dequantized weights the student computes with.
 
-        Any HF-compatible tool can load it to evaluate exactly what was trained. Packed low-bit
-        storage is a separate, method-specific format.
+        Any HF-compatible tool can load it to evaluate exactly what was trained (no packing).
         """
         path = Path(path)
         state = student.state_dict()
@@ -118,6 +130,13 @@ class QuantMethod:
                 bits += module.weight_cfg.storage_bits(rows, width)
                 count += rows * width
         return bits / count if count else 16.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """State a resumed run needs beyond the student's weights (plain numbers; saved in checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what state_dict() returned; methods without state have nothing to restore."""
 
     # -- helpers -------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -32,7 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from qatlab.errors import require
-from qatlab.export.onebit import DTYPES, export_onebit, layer_storage_bits
+from qatlab.export import export_packed
+from qatlab.export.manifest import DTYPES
+from qatlab.export.onebit import layer_storage_bits
 from qatlab.losses import forward_kl, normalized_hidden_mse
 from qatlab.methods.base import QuantMethod
 from qatlab.methods.registry import register_method
@@ -154,10 +156,12 @@ class OneBit(QuantMethod):
         layers = [m for m in student.modules() if isinstance(m, OneBitLinear)]
         return [p for m in layers for p in m.parameters() if p.requires_grad]  # latent W, g, h, norm, bias
 
-    def export(self, student: nn.Module, path: str | Path) -> Path:
-        """Packed signs + value vectors + every other weight (qatlab.export.onebit; load_onebit reads it)."""
-        require(self.kv_config is None, "the OneBit export does not carry K/V quantization; set method.kv=null")
-        return export_onebit(student, path, dtype=self.export_dtype, facts=self.describe())
+    def export(self, student: nn.Module, path: str | Path, dtype: str | None = None) -> Path:
+        """Signs packed 32 per int32 + g, h, norm + every other weight (qatlab.export; load_packed reads it).
+
+        dtype defaults to method.export_dtype."""
+        return export_packed(student, path, dtype=dtype or self.export_dtype, method=self.name,
+                             facts=self.describe(), kv=self.kv_config)
 
     def bits_per_weight(self, student: nn.Module) -> float:
         """Stored bits per weight of the OneBit layers: 1-bit signs + g, h (+ norm) in export_dtype, no bias."""

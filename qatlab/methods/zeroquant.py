@@ -44,11 +44,13 @@ class ZeroQuant(QuantMethod):
         self.lkd = LKDConfig.from_dict(lkd)
         self.trains = self.lkd.enabled
 
-    def fit_blockwise(self, student: nn.Module, teacher: nn.Module, datamodule: Any) -> dict[str, Any]:
-        """LKD on every decoder block (in place); its metrics for results.json."""
+    def fit_blockwise(self, student: nn.Module, teacher: nn.Module, datamodule: Any,
+                      progress_dir: Any = None, resume_dir: Any = None) -> dict[str, Any]:
+        """LKD on every decoder block (in place); its metrics for results.json. Block progress: qatlab.lkd.run_lkd."""
         vocab = student.get_input_embeddings().num_embeddings
         batches = lkd_batches(self.lkd, datamodule, vocab)
-        return run_lkd(student, teacher, batches, self.lkd, trainable=self.trainable_parameters)
+        return run_lkd(student, teacher, batches, self.lkd, trainable=self.trainable_parameters,
+                       progress_dir=progress_dir, resume_dir=resume_dir)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "lkd": dataclasses.asdict(self.lkd) if self.lkd.enabled else None}

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from qatlab.atomic import atomic_path
 from qatlab.errors import require
 from qatlab.models.embedded import default_cache_dir
 from qatlab.models.layer_maps import decoder_blocks, layer_map_for
@@ -405,10 +406,8 @@ def save_clips(path: Path, results: Mapping[str, ClipResult], key: str) -> None:
     for name, r in results.items():
         tensors[f"{name}.min"] = r.lo.contiguous()
         tensors[f"{name}.max"] = r.hi.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"key": key, "version": CACHE_VERSION})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"key": key, "version": CACHE_VERSION})
 
 
 def load_clips(path: Path, names: Iterable[str]) -> dict[str, tuple[Tensor, Tensor]] | None:

@@ -1,0 +1,86 @@
+"""export_packed: write a student as a packed checkpoint (layout: qatlab.export.manifest).
+
+Every FakeQuantLinear with a weight quantizer becomes codes + qparams (int_export), every
+OneBitLinear packed signs (onebit), a FakeQuantLinear without one keeps its dense weight; the
+latent weights of packed layers are not written. All other tensors are stored as they are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from qatlab.errors import require
+from qatlab.export.int_export import pack_int_layer
+from qatlab.export.manifest import WEIGHTS, check_dtype, config_to_dict, write_manifest
+from qatlab.export.onebit import pack_onebit_layer
+from qatlab.quant.config import QuantConfig
+from qatlab.quant.fake_linear import FakeQuantLinear
+from qatlab.quant.onebit_linear import OneBitLinear
+
+
+def pack_layer(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """(tensors keyed by suffix, manifest entry) for a quantized layer; None for any other module."""
+    if isinstance(module, OneBitLinear):
+        return pack_onebit_layer(module)
+    if not isinstance(module, FakeQuantLinear):
+        return None
+    if module.weight_cfg is None:  # weight left in full precision (an override set it off)
+        entry = {"kind": "dense", "shape": [module.out_features, module.in_features],
+                 "act": config_to_dict(module.act_cfg)}
+        return {}, entry
+    return pack_int_layer(module)
+
+
+@torch.no_grad()
+def export_packed(student: nn.Module, path: str | Path, dtype: str = "float16", method: str = "",
+                  facts: dict[str, Any] | None = None, kv: QuantConfig | None = None) -> Path:
+    """Write folder `path` (created): config.json, model.safetensors, qatlab.json; returns it.
+
+    dtype: storage dtype of every floating tensor (scales, g/h, embeddings, norms); float32 keeps the
+    student's values exactly. kv: the K/V quantizer the loader re-applies (None: none).
+    """
+    float_dtype = check_dtype(dtype)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state, tied = untied_state(student.state_dict())
+    layers = {}
+    for name, module in student.named_modules():
+        packed = pack_layer(module)
+        if packed is None:
+            continue
+        tensors, entry = packed
+        if entry["kind"] != "dense":
+            del state[f"{name}.weight"]  # the latent weight: only its codes ship
+        state.update({f"{name}.{suffix}": t for suffix, t in tensors.items()})
+        layers[name] = entry
+    require(bool(layers), f"{type(student).__name__} has no quantized layers to pack; export a converted student")
+    save_file({k: _stored(v, float_dtype) for k, v in state.items()}, str(path / WEIGHTS))
+    student.config.save_pretrained(path)
+    facts = facts or {}
+    write_manifest(path, method=method, bits=facts.get("w_bits"), group_size=facts.get("group_size"),
+                   dtype=dtype, layers=layers, kv=config_to_dict(kv), tied=tied, facts=facts)
+    return path
+
+
+def untied_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Drop keys whose tensor is another key's (tied weights: safetensors stores each tensor once)."""
+    kept: dict[tuple, str] = {}
+    out, tied = {}, {}
+    for key, tensor in state.items():
+        ident = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if tensor.numel() and ident in kept:
+            tied[key] = kept[ident]
+            continue
+        kept[ident] = key
+        out[key] = tensor
+    return out, tied
+
+
+def _stored(t: Tensor, dtype: torch.dtype) -> Tensor:
+    t = t.detach().to("cpu")
+    return (t.to(dtype) if t.is_floating_point() else t).contiguous()
