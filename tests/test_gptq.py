@@ -9,7 +9,7 @@ from qatlab.errors import QatlabError
 from qatlab.methods import build_method
 from qatlab.quant import QuantConfig, fake_quantize
 from qatlab.quant.clip_search import calibration_sequences
-from qatlab.quant.gptq import GPTQConfig, gptq_model, gptq_quantize, output_error
+from qatlab.quant.gptq import FirstTokenGram, GPTQConfig, gptq_model, gptq_quantize, output_error, with_sink
 from qatlab.quant.primitives import quantize
 from qatlab.train import make_student, train
 from tests.test_train import make_cfg
@@ -136,3 +136,60 @@ def test_tiny_gptq_run_end_to_end(tmp_path):
     for key in ("test/ppl_teacher", "test/ppl_rtn", "test/ppl_student"):
         assert math.isfinite(results[key]) and results[key] > 1, key
     assert results["init/gptq_error_ratio"] < 1
+
+
+# ---- sink_share: protect the first token's input directions (a qatlab extension) -----------------
+
+
+def test_with_sink_gives_the_first_tokens_their_share_of_the_trace():
+    torch.manual_seed(0)
+    a, b = torch.randn(50, 6), torch.randn(3, 6) * 10
+    H, H0 = a.T @ a / 50, b.T @ b / 3
+    mixed = with_sink(H, H0, 0.25)
+    added = mixed - H
+    assert torch.allclose(added.trace() / mixed.trace(), torch.tensor(0.25))
+    assert torch.allclose(added / added.trace(), H0 / H0.trace())
+    assert torch.equal(with_sink(H, H0, 0.0), H)
+
+
+def test_first_token_gram_sees_only_each_sequences_first_kept_token():
+    hook = FirstTokenGram(3, 3, torch.device("cpu"))
+    x = torch.tensor([[[9.0, 9, 9], [1, 2, 3], [4, 5, 6]]])  # (1, T=3, in=3); position 0 is padding
+    hook.keep = torch.tensor([False, True, True])
+    hook(None, (x,), None)
+    first = torch.tensor([1.0, 2, 3])
+    assert hook.count == 1 and torch.allclose(hook.gram()[0], first[:, None] * first[None, :])
+
+
+def test_sink_share_is_validated():
+    with pytest.raises(QatlabError, match=r"method.sink_share=1.0 must lie in \[0, 1\)"):
+        GPTQConfig(sink_share=1.0)
+
+
+def test_sink_share_lowers_the_first_token_error_in_a_model_walk(tiny_llama_model):
+    """With the first tokens' Gram mixed in, the quantized layers' error on first-token inputs drops."""
+    weight = {"bits": 3, "symmetric": False, "group_size": 32}
+    g = torch.Generator().manual_seed(0)
+    sequences = calibration_sequences([{"input_ids": torch.randint(0, 128, (8, 32), generator=g)}], None)
+    errors = {}
+    for share in (0.0, 0.5):
+        method = build_method("gptq", weight=weight)
+        student = make_student(tiny_llama_model, method, "float32")
+        layers = {n: student.get_submodule(n) for n in method.quantized_layers}
+        first_inputs = {}
+
+        def keep_first(name):
+            def hook(module, args, output):
+                first_inputs[name] = args[0][:, 0].float()  # (sequences, in)
+            return hook
+
+        handles = [tiny_llama_model.get_submodule(n).register_forward_hook(keep_first(n)) for n in layers]
+        with torch.no_grad():
+            tiny_llama_model(input_ids=torch.cat([ids for ids, _ in sequences]))
+        for h in handles:
+            h.remove()
+        gptq_model(student, layers, sequences, GPTQConfig(sink_share=share))
+        errors[share] = sum(
+            (first_inputs[n] @ (layers[n].weight - tiny_llama_model.get_submodule(n).weight).T).pow(2).sum().item()
+            for n in layers)
+    assert errors[0.5] < errors[0.0]

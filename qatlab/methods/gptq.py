@@ -41,10 +41,12 @@ class GPTQ(QuantMethod):
         act_order: bool = False,
         tokens: int | None = None,
         device: str = "auto",
+        sink_share: float = 0.0,
         **quant: Any,
     ):
         super().__init__(**quant)
-        self.gptq = GPTQConfig(percdamp=percdamp, block_size=block_size, act_order=act_order, device=device)
+        self.gptq = GPTQConfig(percdamp=percdamp, block_size=block_size, act_order=act_order, device=device,
+                               sink_share=sink_share)
         require(
             tokens is None or (isinstance(tokens, int) and tokens > 0),
             f"method.tokens={tokens!r} must be a positive integer (calibration tokens) or null for all",
@@ -70,7 +72,7 @@ class GPTQ(QuantMethod):
                  self.report.error_ratio, self.report.idempotence)
 
     def describe(self) -> dict[str, Any]:
-        facts = {**super().describe(), "act_order": self.gptq.act_order}
+        facts = {**super().describe(), "act_order": self.gptq.act_order, "sink_share": self.gptq.sink_share}
         if self.report is not None:
             facts |= {"init/gptq_s": round(self.report.seconds, 2),
                       "init/gptq_error_ratio": round(self.report.error_ratio, 4)}
