@@ -125,24 +125,21 @@ def test_resume_checkpoint_of_another_config():
 # After the (tiny) model loads: what needs its config or tokenizer, or the quantized layers.
 
 
-def test_block_size_longer_than_the_context(tmp_path):
-    with fails_with(r"data.block_size=4096 is longer than the model's context \(2048 tokens\)"):
-        train(make_cfg(tmp_path, "data.block_size=4096"))
-
-
-def test_group_size_not_dividing_a_layer_width(tmp_path):
-    with fails_with(r"weight.group_size=48 does not divide the input width 64 .*e.g. "):
-        train(make_cfg(tmp_path, "method.weight.group_size=48"))
-
-
-def test_model_path_missing(tmp_path):
-    with fails_with(r"model.name_or_path='/no/such/model' does not exist"):
-        train(make_cfg(tmp_path, "model.name_or_path=/no/such/model"))
-
-
-def test_weight_override_matching_no_layer(tmp_path):
-    with fails_with(r"weight_overrides pattern 'nope' matches none of the 14 quantized layers"):
-        train(make_cfg(tmp_path, "+method.weight_overrides={nope: {bits: 8}}"))
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.block_size=4096", r"data.block_size=4096 is longer than the model's context \(2048 tokens\)"),
+        ("method.weight.group_size=48", r"weight.group_size=48 does not divide the input width 64 .*e.g. "),
+        ("model.name_or_path=/no/such/model", r"model.name_or_path='/no/such/model' does not exist"),
+        ("+method.weight_overrides={nope: {bits: 8}}",
+         r"weight_overrides pattern 'nope' matches none of the 14 quantized layers"),
+    ],
+    ids=["block_size_longer_than_context", "group_size_not_dividing_width", "model_path_missing",
+         "weight_override_matching_no_layer"],
+)
+def test_bad_input_found_once_the_model_loads(tmp_path, override, message):
+    with fails_with(message):
+        train(make_cfg(tmp_path, override))
 
 
 def test_kv_bits_on_a_model_without_attention_hooks(tmp_path):
