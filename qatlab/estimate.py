@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from qatlab.errors import require
+from qatlab.errors import QatlabError, require
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ACT_H, ACT_I = 14, 5  # tensors of width hidden / intermediate a Llama decoder layer keeps for backward, per token
@@ -180,8 +180,14 @@ def model_shape(model_cfg: DictConfig) -> ModelShape:
             model = build_tiny_llama(_load_tokenizer(str(materialize_smollm2(model_cfg.get("cache_dir")))))
         else:
             folder = str(materialize_smollm2(model_cfg.get("cache_dir"))) if name == EMBEDDED else name
-            config = AutoConfig.from_pretrained(folder, revision=model_cfg.get("revision"),
-                                                trust_remote_code=model_cfg.get("trust_remote_code", False))
+            try:
+                config = AutoConfig.from_pretrained(folder, revision=model_cfg.get("revision"),
+                                                    trust_remote_code=model_cfg.get("trust_remote_code", False))
+            except OSError as err:
+                raise QatlabError(
+                    f"model.name_or_path={name!r}: its config.json could not be read ({type(err).__name__}; offline "
+                    "or not downloaded). The estimate needs only the config: point model.name_or_path at a local "
+                    "folder that holds config.json (no weights needed)") from None
             model = AutoModelForCausalLM.from_config(config)
     return ModelShape.of(model)
 
@@ -195,7 +201,10 @@ def main(argv: list[str] | None = None) -> Estimate:
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg = compose("train", overrides=list(sys.argv[1:] if argv is None else argv))
     setup = setup_from_cfg(cfg)
-    estimate = estimate_peak(model_shape(cfg.model), setup)
+    try:
+        estimate = estimate_peak(model_shape(cfg.model), setup)
+    except QatlabError as err:
+        raise SystemExit(f"error: {err}") from None
     print(f"{cfg.model.name_or_path}, method={cfg.method.name}, strategy={setup.strategy} x {setup.world_size}, "
           f"batch {setup.batch_size} x {setup.seq_len} tokens per device")
     print(estimate.table())

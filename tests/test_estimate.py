@@ -91,3 +91,15 @@ def test_cli_reads_the_run_config(capsys):
     out = capsys.readouterr().out
     assert "strategy=fsdp x 4" in out and "gathered layers" in out and "total" in out
     assert estimate.total > 0
+
+
+def test_cli_without_the_model_config_is_one_clear_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"model.name_or_path=.*config.json could not be read.*local folder"):
+        main([f"model.name_or_path={tmp_path / 'no_such_model'}"])
+
+
+def test_cli_needs_only_a_config_json(tmp_path, capsys):
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=128).save_pretrained(tmp_path)
+    estimate = main([f"model.name_or_path={tmp_path}", "data.block_size=32"])
+    assert estimate.total > 0 and "expected peak memory" in capsys.readouterr().out

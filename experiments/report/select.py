@@ -2,7 +2,7 @@
 experiments/report/results.jsonl; the report is then drawn from that file:
 
     python experiments/report/select.py outputs/results.jsonl
-    python -m qatlab.report --results experiments/report/results.jsonl --out experiments/report --by task_name
+    python -m qatlab.report --results experiments/report/results.jsonl --out experiments/report
 """
 
 import sys
