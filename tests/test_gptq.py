@@ -9,7 +9,7 @@ from qatlab.errors import QatlabError
 from qatlab.methods import build_method
 from qatlab.quant import QuantConfig, fake_quantize
 from qatlab.quant.clip_search import calibration_sequences
-from qatlab.quant.gptq import FirstTokenGram, GPTQConfig, gptq_model, gptq_quantize, output_error, with_sink
+from qatlab.quant.gptq import GPTQConfig, SinkAwareGram, gptq_model, gptq_quantize, output_error, with_sink
 from qatlab.quant.primitives import quantize
 from qatlab.train import make_student, train
 from tests.test_train import make_cfg
@@ -153,12 +153,13 @@ def test_with_sink_gives_the_first_tokens_their_share_of_the_trace():
 
 
 def test_first_token_gram_sees_only_each_sequences_first_kept_token():
-    hook = FirstTokenGram(3, 3, torch.device("cpu"))
+    hook = SinkAwareGram(3, 3, torch.device("cpu"))
     x = torch.tensor([[[9.0, 9, 9], [1, 2, 3], [4, 5, 6]]])  # (1, T=3, in=3); position 0 is padding
     hook.keep = torch.tensor([False, True, True])
     hook(None, (x,), None)
-    first = torch.tensor([1.0, 2, 3])
-    assert hook.count == 1 and torch.allclose(hook.gram()[0], first[:, None] * first[None, :])
+    first, kept = torch.tensor([1.0, 2, 3]), x[0, 1:]
+    assert hook.first.count == 1 and torch.allclose(hook.first.gram()[0], first[:, None] * first[None, :])
+    assert hook.count == 2 and torch.allclose(hook.gram()[0], kept.T @ kept / 2)
 
 
 def test_sink_share_is_validated():

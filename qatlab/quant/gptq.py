@@ -201,16 +201,19 @@ def gptq_quantize(
     return Q[:, torch.argsort(perm)]
 
 
-class FirstTokenGram(GramHook):
-    """GramHook over each sequence's first kept token only: the attention-sink inputs, (1, in, in)."""
+class SinkAwareGram(GramHook):
+    """GramHook that also keeps the Gram of each sequence's first kept token (the attention sink), in one pass."""
+
+    def __init__(self, width: int, group: int, device: torch.device):
+        super().__init__(width, group, device)
+        self.first = GramHook(width, group, device)  # (G, g, g) over the first tokens only
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        super().__call__(module, args, output)
         x = args[0].reshape(-1, args[0].shape[-1])  # (T, in): run_block feeds one sequence at a time
         if self.keep is not None:
             x = x[self.keep]
-        xg = x[:1].float().reshape(1, -1, self.group)  # (1, G, g)
-        self.sum += torch.einsum("ngk,ngl->gkl", xg, xg)
-        self.count += 1
+        self.first(module, (x[:1],), output)
 
 
 def with_sink(hessian: Tensor, first: Tensor, share: float) -> Tensor:
@@ -261,18 +264,16 @@ def gptq_model(
     for i in tqdm(range(last + 1), desc="gptq", unit="block"):
         block, home = blocks[i], next(blocks[i].parameters()).device
         block.to(device)
-        hooks = {layers[n]: GramHook(layers[n].in_features, layers[n].in_features, device) for n in per_block[i]}
-        firsts = {m: FirstTokenGram(m.in_features, m.in_features, device) for m in hooks} if config.sink_share else {}
+        gram = SinkAwareGram if config.sink_share else GramHook
+        hooks = {layers[n]: gram(layers[n].in_features, layers[n].in_features, device) for n in per_block[i]}
         for layer in hooks:
             layer.enabled = False  # this block's Hessians come from its full-precision weights
         run_block(block, inputs, device, hooks)
-        if firsts:
-            run_block(block, inputs, device, firsts)
         for layer, hook in hooks.items():
             require(hook.count > 0, "GPTQ got no calibration tokens (all masked); set init_batches >= 1")
             H = hook.gram()[0]  # (in, in)
-            if firsts:
-                H = with_sink(H, firsts[layer].gram()[0], config.sink_share)
+            if config.sink_share:
+                H = with_sink(H, hook.first.gram()[0], config.sink_share)
             W = layer.weight.detach().float()
             Q = gptq_quantize(W, H, layer.weight_cfg, config.percdamp, config.block_size, config.act_order)
             rtn = output_error(W, fake_quantize(W, layer.weight_cfg), H)
