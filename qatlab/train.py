@@ -181,22 +181,22 @@ def log_config(trainer: L.Trainer, cfg: DictConfig) -> None:
 
 
 def finish(trainer: L.Trainer, method: QuantMethod, student: torch.nn.Module, cfg: DictConfig,
-           results: dict[str, Any], test_blocks: torch.Tensor | None = None) -> None:
-    """Log final metrics, write results.json, optionally export, print the table."""
+           results: dict[str, Any], test_blocks: torch.Tensor) -> None:
+    """Optionally export (and score the export), log final metrics, write results.json, print the table."""
     results["bits_per_weight"] = round(method.bits_per_weight(student), 4)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("export"):  # before logging, so test/ppl_packed reaches the loggers too
+        results["export_dir"] = str(method.export(student, out / "export"))
+        if cfg.eval.get("packed"):  # evaluate what you ship: the loaded packed model
+            packed = load_packed(results["export_dir"], dtype=cfg.model.student_dtype)
+            results["test/ppl_packed"] = evaluate(packed, test_blocks, cfg, "packed")
     numbers = {k: v for k, v in results.items() if "/" in k and isinstance(v, (int, float))}
     for logger in trainer.loggers:
         logger.log_metrics(numbers, step=trainer.global_step)
         if isinstance(logger, WandbLogger):  # summary values: what a W&B runs table compares
             logger.experiment.summary.update({k: v for k, v in results.items() if isinstance(v, (str, int, float))})
         logger.finalize("success")
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.get("export"):
-        results["export_dir"] = str(method.export(student, out / "export"))
-        if cfg.eval.get("packed") and test_blocks is not None:  # evaluate what you ship: the loaded packed model
-            packed = load_packed(results["export_dir"], dtype=cfg.model.student_dtype)
-            results["test/ppl_packed"] = evaluate(packed, test_blocks, cfg, "packed")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     if cfg.get("results_file"):
         append_row(cfg.results_file, run_row(results, **run_context(cfg, trainer)))
