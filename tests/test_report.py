@@ -85,18 +85,22 @@ def test_storage_bits_count_codes_and_fp16_scales(cfg, rows, width, bits_per_wei
     assert config.storage_bits(rows, width) / (rows * width) == pytest.approx(bits_per_weight)
 
 
-def test_notebook_reads_the_store(store, tmp_path, monkeypatch):
-    """Run the notebook's code cells the way Jupyter would, from notebooks/ beside an outputs/ store."""
+def test_notebook_reads_the_store(store, tmp_path):
+    """Run the notebook in a real Jupyter kernel (nbclient), from notebooks/ beside an outputs/ store."""
     from pathlib import Path
 
-    nb = json.loads((Path(__file__).resolve().parent.parent / "notebooks" / "read_results.ipynb").read_text())
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(Path(__file__).resolve().parent.parent / "notebooks" / "read_results.ipynb", as_version=4)
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "results.jsonl").write_text(store.read_text())
     (tmp_path / "notebooks").mkdir()
-    monkeypatch.chdir(tmp_path / "notebooks")
-    namespace: dict = {}
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code":
-            exec("".join(cell["source"]), namespace)  # noqa: S102 - our own notebook
-    assert len(namespace["rows"]) == 4
+    NotebookClient(nb, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path / "notebooks")}}).execute()
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    assert first.outputs[-1]["data"]["text/plain"] == "4"  # len(rows): the store's 4 rows
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert any("text/markdown" in o.get("data", {}) for o in outputs)  # the table
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot, shown inline
     assert (tmp_path / "outputs" / "report" / "ppl_vs_bits.png").exists()
