@@ -27,9 +27,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qatlab.estimate import ModelShape, Setup, estimate_peak
-from qatlab.losses import forward_kl
-from qatlab.methods import build_method
-from qatlab.module import freeze
+from qatlab.losses.divergences import forward_kl
+from qatlab.recipes import Recipe
+from qatlab.stages.params import parameter_groups
+from qatlab.stages.qat_module import freeze
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings
     "tiny": (64, 128, 2, 4, 2, 512, True),
@@ -150,13 +151,13 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"model": a.model, "params": params, "seq": a.seq, "batch": a.batch, "bits": a.bits,
               "group": a.group, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
 
-    method = build_method("kd", weight={"bits": a.bits, "group_size": a.group, "symmetric": False})
+    method = Recipe("kd", weight={"bits": a.bits, "group_size": a.group, "symmetric": False})
     student = copy.deepcopy(teacher).to(DTYPES[a.student_dtype]).requires_grad_(True).train()
     method.convert(student)
     if a.checkpointing:
         student.config.use_cache = False
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = make_optimizer(a.optimizer, method.trainable_parameters(student))
+    optimizer = make_optimizer(a.optimizer, parameter_groups(student, "all", None))
     result["qatlab"] = run(teacher, student, forward_kl, optimizer, ids, a.steps, device)
     del student, optimizer
     if not a.skip_reference:
