@@ -119,6 +119,9 @@ def test_train_weights_trains_the_latent_weights_only(tiny_llama_model):
 def test_quantizer_parameters_get_their_own_group_without_weight_decay(tiny_llama_model):
     student = make_student(tiny_llama_model, compose_recipe("lsq", ["method.weight.group_size=32"]), "float32")
     weights, qparams = parameter_groups(student, "all", qparams_lr=1e-2)
+    (single,) = parameter_groups(student, "all", qparams_lr=None)  # no differences: one group, model order
+    assert [id(p) for p in single["params"]] == [id(p) for p in student.parameters()]
+    assert len(parameter_groups(student, "all", None, weight_decay=0.01)) == 2  # qparams never decay
     scales = [m.weight_quantizer.scale for m in student.modules() if isinstance(m, FakeQuantLinear)]
     assert {id(p) for p in qparams["params"]} == {id(s) for s in scales}
     assert qparams["weight_decay"] == 0.0 and qparams["lr"] == 1e-2 and "lr" not in weights

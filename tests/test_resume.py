@@ -123,11 +123,19 @@ def test_resume_auto_without_a_checkpoint_starts_from_step_0(tmp_path):
     assert results["train/steps"] == 2
 
 
-def test_lkd_resumes_at_the_first_unfinished_block(tmp_path, monkeypatch):
+BLOCKWISE = {
+    "lkd": ["method=zeroquant", "stages.lkd.samples=4", "stages.lkd.steps=3", "stages.lkd.batch_size=2"],
+    # Block-AP: the student's chain and the teacher's chain both replay; E2E-QP runs after it
+    "block_ap": ["method=efficientqat", "method.weight.group_size=32", "stages.block_ap.samples=4",
+                 "stages.block_ap.steps=3", "trainer.max_steps=2"],
+}
+
+
+@pytest.mark.parametrize("stage", BLOCKWISE)
+def test_a_blockwise_stage_resumes_at_the_first_unfinished_block(tmp_path, monkeypatch, stage):
     import qatlab.stages.blockwise as lkd
 
-    overrides = ["experiment=tiny_smoke", "logger=none", "method=zeroquant", "stages.lkd.samples=4",
-                 "stages.lkd.steps=3", "stages.lkd.batch_size=2", "eval.rtn_baseline=false"]
+    overrides = ["experiment=tiny_smoke", "logger=none", *BLOCKWISE[stage], "eval.rtn_baseline=false"]
     reference = train(make_cfg(tmp_path / "reference", *overrides))
 
     trained = []
@@ -142,7 +150,7 @@ def test_lkd_resumes_at_the_first_unfinished_block(tmp_path, monkeypatch):
     monkeypatch.setattr(lkd, "distill_block", killed_after_block_0)
     with pytest.raises(KeyboardInterrupt):
         train(make_cfg(tmp_path / "run", *overrides))
-    assert json.loads((tmp_path / "run" / "lkd" / "progress.json").read_text())["done"] == 1
+    assert json.loads((tmp_path / "run" / stage / "progress.json").read_text())["done"] == 1
 
     monkeypatch.setattr(lkd, "distill_block", lambda fabric, k, *args: trained.append(k) or real(fabric, k, *args))
     resumed = train(make_cfg(tmp_path / "run", *overrides, "resume=auto"))
@@ -153,7 +161,7 @@ def test_lkd_resumes_at_the_first_unfinished_block(tmp_path, monkeypatch):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
     # block 1 starts from inputs replayed through the loaded block 0: the same MSEs to the last bit
-    assert without_seconds(resumed["lkd/per_block"]) == without_seconds(reference["lkd/per_block"])
+    assert without_seconds(resumed[f"{stage}/per_block"]) == without_seconds(reference[f"{stage}/per_block"])
 
 
 # ---- atomic writes and safe loading -------------------------------------------------------------

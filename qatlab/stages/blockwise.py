@@ -272,7 +272,8 @@ def distill_block(
 def _train_block(fabric: Fabric, block: nn.Module, chunks: list[Chunk], config: BlockwiseConfig, k: int,
                  n_blocks: int, optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None) -> None:
     """`steps` MSE steps on the chosen parameters of one block, with a fresh optimizer that dies on return."""
-    groups = parameter_groups(block, config.train, config.qparams_lr, key="stages.<name>.train")
+    groups = parameter_groups(block, config.train, config.qparams_lr, key="stages.<name>.train",
+                              weight_decay=config.weight_decay)
     module = fabric.setup_module(block)
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     raw = optimizer(groups) if optimizer else cls(groups, lr=config.lr, weight_decay=config.weight_decay)

@@ -7,7 +7,10 @@ train (a stage key):
   qparams          the quantizers' parameters only (LSQ steps, SEQ alphas, zero points; OneBit's g, h, norm):
                    EfficientQAT's E2E-QP
   weights+qparams  both of the above
-Quantizer parameters always get their own group: lr x qparams_lr_scale (or qparams_lr), no weight decay.
+Quantizer parameters get their own group: lr x qparams_lr_scale (or qparams_lr), no weight decay. When
+that group would not differ (no lr of its own and no weight decay anywhere) everything trains as one group
+in the model's parameter order, which keeps gradient clipping's global norm (a float sum over that order)
+bit-identical to a run without the split.
 Parameters a stage does not train get requires_grad=False, so no gradient is computed for them.
 """
 
@@ -45,7 +48,8 @@ def check_train(train: str, key: str) -> None:
     require(train in TRAIN, f"{key}={train!r} is not known; use one of {list(TRAIN)}")
 
 
-def parameter_groups(model: nn.Module, train: str, qparams_lr: float | None, key: str = "stage.train") -> list[dict[str, Any]]:
+def parameter_groups(model: nn.Module, train: str, qparams_lr: float | None, key: str = "stage.train",
+                     weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """Optimizer groups for `train`; sets requires_grad on `model` to match. Raises if nothing would train.
 
     A quantizer parameter marked `qatlab_frozen` (a zero point after freeze_codes) never trains."""
@@ -64,6 +68,9 @@ def parameter_groups(model: nn.Module, train: str, qparams_lr: float | None, key
     keep = set(others) | set(qparams)
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
+    if qparams_lr is None and not weight_decay and keep:
+        name = "qparams" if not others else "weights" if not qparams else "weights+qparams"
+        return [{"params": [p for p in model.parameters() if id(p) in keep], "name": name}]
     groups = []
     if others:
         groups.append({"params": list(others.values()), "name": "weights"})

@@ -44,7 +44,8 @@ class WholeModel(Stage):
         self.prepare(student, ctx.recipe)
         lr = cfg.optimizer.get("lr")
         groups = partial(parameter_groups, train=self.train, key=f"stages.{self.name}.train",
-                         qparams_lr=None if lr is None or self.qparams_lr_scale == 1.0 else lr * self.qparams_lr_scale)
+                         qparams_lr=None if lr is None or self.qparams_lr_scale == 1.0 else lr * self.qparams_lr_scale,
+                         weight_decay=cfg.optimizer.get("weight_decay") or 0.0)
         groups(student)  # sets requires_grad before any strategy wraps the student (DDP registers hooks then)
         teacher = ctx.teacher if loss.needs_teacher else None
         cached = teacher is not None and attach_teacher_cache(cfg.get("teacher_cache"), teacher, ctx.tokenizer,
