@@ -5,6 +5,8 @@
         --student-dtype bfloat16 --checkpointing --batch 1 --skip-reference    # 7B W2 QAT step peak memory
     python experiments/scale/bench.py --tiny                                   # CPU smoke run (tested)
 
+--out PATH also writes the JSON to a file (the GPU kit, experiments/gpu/, reads it from there).
+
 Random weights in the Llama architecture (no download). One step = teacher forward (no grad) +
 student forward/backward + AdamW; "qatlab" uses FakeQuantLinear and the chunked fp32 KL,
 "reference" the plain loop: every Linear's weight fake-quantized by a hand-written per-group
@@ -20,6 +22,7 @@ import argparse
 import copy
 import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -106,9 +109,12 @@ def run(teacher, student, loss_fn, optimizer, ids, steps: int, device) -> dict:
         sync(device)
         times.append(time.perf_counter() - start)
     step = sum(times[1:]) / steps
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    reserved = torch.cuda.max_memory_reserved() if cuda else None  # what the allocator took from the card
     return {"step_s": round(step, 4), "tokens_per_s": round(ids.numel() / step, 1),
-            "peak_gib": None if peak is None else round(peak / 2**30, 3)}
+            "peak_gib": None if peak is None else round(peak / 2**30, 3),
+            "peak_reserved_gib": None if reserved is None else round(reserved / 2**30, 3)}
 
 
 def sync(device):
@@ -138,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, seq 32, batch 2, 2 steps")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     if a.tiny:
         a.model, a.seq, a.batch, a.steps, a.group = "tiny", 32, 2, 2, 32
@@ -159,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = make_optimizer(a.optimizer, method.trainable_parameters(student))
     result["qatlab"] = run(teacher, student, forward_kl, optimizer, ids, a.steps, device)
     del student, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the reference's peak starts from the teacher alone, not from qatlab's cached blocks
     if not a.skip_reference:
         student = eager_student(teacher, a.bits, a.group, DTYPES[a.student_dtype])
         optimizer = make_optimizer(a.optimizer, list(student.parameters()))
@@ -172,6 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
                   optimizer=a.optimizer, gradient_checkpointing=a.checkpointing)
     result["estimate_gib"] = round(estimate_peak(ModelShape.of(teacher), setup).total / 2**30, 3)
     print(json.dumps(result, indent=2))
+    if a.out is not None:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=2))
     return result
 
 
