@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 KIT = ROOT / ".gpu"  # built by pack.py; ignored by git (.gitignore)
 PY = sys.executable
+_BASE_ENV = dict(os.environ)  # before the fork launcher adds the kit's variables to os.environ
 
 # What the GPU machine lacks and the kit does not carry: the GPU runs must not need them (the dry run
 # hides them). Carried as wheels instead: hydra-core, omegaconf, antlr4 (the entry point), gguf (the
@@ -69,6 +70,7 @@ PEAK_TFLOPS, PEAK_GBS = 989.0, 4800.0  # H200 SXM datasheet: dense bf16, HBM3e
 
 TINY = ["model=tiny_llama", "data.block_size=128", "data.eval_block_size=128", "data.max_train_blocks=32",
         "data.max_eval_blocks=1", "data.max_test_blocks=1", "trainer.val_check_interval=2"]
+RACE_FIXED_S, RACE_PER_RUN_S = 20, 25  # the race's process start; per run: model, PPL evals, Trainer set-up
 W2G64 = ["method.weight.bits=2", "method.weight.group_size=64", "method.weight.symmetric=false"]
 
 
@@ -109,15 +111,16 @@ CALLS = {
         Part("model", 30, 150, "join the GGUF pieces (sha256), seed the corpus, dequantize SmolLM2 once"),
         Part("kernels_decode", 45, 150, "packed SmolLM2 decode tokens/s (W2, W1) vs bf16; packed vs student logits",
              needs=("model",)),
-        Part("experiments", 180, 300, "each smollm2 experiment, trainer=gpu, 30 steps: runs, loss falls, no error",
-             needs=("model",)),
         Part("fsdp", 45, 150, "one experiment with trainer=fsdp trainer.devices=1, checkpoint saved",
              needs=("model",)),
+        Part("experiments", 180, 300, "each smollm2 experiment, trainer=gpu, 30 steps: runs, loss falls, no error "
+             "(last: it grows with the recipes; jobs done by the deadline are kept)", needs=("model",)),
     ), "right after call 1 (within 30 s): it needs model piece 1 from call 1"),
-    "call3": Call("run3.sh", (".gpu/whl", ".gpu/data"), 300, (
+    "call3": Call("run3.sh", (".gpu/whl", ".gpu/data"), 560, (
         Part("setup", 3, 60, "wheels (already there when warm)"),
         Part("model", 3, 150, "the model from call 2, still on the warm machine"),
-        Part("race", 240, 560, "W2 g64 race of the recipes, --seconds-each of training each", needs=("model",)),
+        Part("race", 240, 550, "W2 g64 race of the recipes: --seconds-each (default 120, cut to fit --deadline) "
+             "of training each", needs=("model",)),
     ), "only if device time is left, right after call 2", in_plan=False),
     "relay": Call("relay.sh", (".gpu/whl", ".gpu/m1"), 60, (
         Part("setup", 10, 50, "re-carry model piece 1 when call 2 found the machine cold"),
@@ -217,7 +220,7 @@ class Kit:
         self.state = Path(args.state or (Path.home() / "qatlab-kit")).resolve()
         self.out = Path(args.out or os.environ.get("OUT") or self.state / "out").resolve()
         self.work = self.state / "work" / call
-        for d in (self.out, self.work, self.state / "pieces", self.state / "cache"):
+        for d in (self.out, self.work, self.state / "pieces", self.state / "cache", self.state / "py"):
             d.mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
         self.deadline = args.deadline or self.call.deadline_s
@@ -236,7 +239,7 @@ class Kit:
     # -- environment of every subprocess --
     @property
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = dict(_BASE_ENV)
         path = [str(self.state / "site")] if (self.state / "site").is_dir() else []
         path += [str(self.state / "py"), str(ROOT)]
         if self.dry:
@@ -291,6 +294,7 @@ class Kit:
 
         global _FORK
         env = self.env
+        startup = {k: env.get(k) for k in ("PYTHONPATH", "QATLAB_KIT_HIDE")}  # what the fork server read at its start
         if _FORK is None:
             os.environ.update(env)  # the fork server starts with it: PYTHONPATH, the hidden packages
             # ... but takes this process's sys.path: make it the one a fresh `python3 -m` here would have
@@ -300,13 +304,13 @@ class Kit:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["torch", "transformers", "lightning", "hydra", "omegaconf",
                                         "qatlab.train", "pytest"])
-            _FORK = (ctx, env)
-        ctx, started_env = _FORK
-        if env != started_env:  # e.g. wheels installed since: the preloaded interpreter would be stale
+            _FORK = (ctx, startup)
+        ctx, started = _FORK
+        if startup != started:  # e.g. wheels installed since: the preloaded interpreter would be stale
             raise KitError("the fork launcher's environment changed since it started; use --launcher exec")
         with open(path, "ab") as f:
             f.write(f"$ {shlex.join(cmd)}\n".encode())
-        proc = ctx.Process(target=_forked_main, args=(cmd, str(path), str(ROOT)))
+        proc = ctx.Process(target=_forked_main, args=(cmd, str(path), str(ROOT), env))
         proc.start()
         proc.join(limit)
         if proc.exitcode is None:
@@ -438,13 +442,19 @@ class Kit:
         return self.part_deadline - time.monotonic()
 
 
-_FORK = None  # (multiprocessing context, its environment): one fork server for all calls of a `dry-run`
+_FORK = None  # (multiprocessing context, its start-up variables): one fork server for all calls of a `dry-run`
 
 
-def _forked_main(cmd: list[str], log: str, cwd: str) -> None:
+def _forked_main(cmd: list[str], log: str, cwd: str, env: dict[str, str]) -> None:
     """Body of a forked part: `python -m mod args`, `python -c code args` or `python script args`."""
     import runpy
 
+    import importlib
+
+    os.environ.clear()
+    os.environ.update(env)
+    sys.path_importer_cache.clear()  # a fresh interpreter's view of the path: folders made since the server started
+    importlib.invalidate_caches()
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -479,14 +489,14 @@ def git_info() -> dict | None:
 
 
 def read_losses(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, train/loss) from the CSV logger's metrics.csv files under run_dir, one per step (the first: the
-    run's final summary row repeats the last step's loss)."""
+    """(step, train/loss) from the CSV logger's metrics.csv files under run_dir, one per step. Only the training
+    loop's rows (they carry `epoch`): the run's final summary row repeats the last loss without one."""
     points: dict[int, float] = {}
     for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 value = row.get("train/loss")
-                if value not in (None, ""):
+                if value not in (None, "") and row.get("epoch") not in (None, ""):
                     points.setdefault(int(float(row.get("step") or 0)), float(value))
     return sorted(points.items())
 
@@ -759,7 +769,10 @@ def part_fsdp(kit: Kit) -> dict:
     names = kit.experiment_names()
     name = kit.args.fsdp_experiment or next((n for n in names if n.startswith("kd")), names[0])
     run_dir = kit.work / "fsdp-run"
-    cmd = [PY, "-m", "qatlab", f"experiment={name}", *kit.train_overrides(30), "trainer=fsdp", "trainer.devices=1",
+    overrides = kit.train_overrides(30)
+    steps = next(o.split("=")[1] for o in overrides if o.startswith("trainer.max_steps="))
+    cmd = [PY, "-m", "qatlab", f"experiment={name}", *overrides, "trainer=fsdp", "trainer.devices=1",
+           f"callbacks.model_checkpoint.every_n_train_steps={steps}",  # save once at the end: FSDP's full state dict
            f"results_file={kit.work / 'results.jsonl'}", f"hydra.run.dir={run_dir}"]
     if kit.dry:  # FSDP needs a CUDA device: the dry run only composes the command (Hydra prints the job config)
         cmd = [c for c in cmd if c != "trainer=cpu"] + ["--cfg", "job"]
@@ -781,6 +794,9 @@ def part_fsdp(kit: Kit) -> dict:
 def part_race(kit: Kit) -> dict:
     names = kit.experiment_names()
     seconds = kit.args.seconds_each if not kit.dry else min(kit.args.seconds_each, 3)
+    fit = int((kit.part_left() - RACE_FIXED_S) / max(1, len(names)) - RACE_PER_RUN_S)  # what the deadline allows
+    if fit < seconds and not kit.dry:
+        seconds = max(10, fit)
     overrides = [*kit.train_overrides(10**6), *W2G64, f"++trainer.max_time=00:00:{seconds // 60:02d}:{seconds % 60:02d}",
                  "callbacks=none", "++trainer.enable_checkpointing=false"]
     if kit.dry:
@@ -789,7 +805,7 @@ def part_race(kit: Kit) -> dict:
     runnable = [n for n in names if checks[n]["error"] is None]
     results = kit.multirun(runnable, overrides, "race") if runnable else {}
     table = sorted(((r.get("test/ppl_student", float("inf")), n) for n, r in results.items() if "test/ppl_student" in r))
-    res = {"seconds_each": seconds, "overrides": overrides, "results": results,
+    res = {"seconds_each": seconds, "seconds_each_asked": kit.args.seconds_each, "overrides": overrides, "results": results,
            "not_raced": {n: checks[n]["error"] for n in names if checks[n]["error"] is not None},
            "ranking": [{"experiment": n, "test/ppl_student": p, "train/steps": results[n].get("train/steps")}
                        for p, n in table]}
@@ -831,6 +847,7 @@ def load_sibling(name: str):
 
     spec = importlib.util.spec_from_file_location(f"gpu_kit_{name}", HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
