@@ -94,6 +94,7 @@ def eager_loss(student_logits, teacher_logits):
 def run(teacher, student, loss_fn, optimizer, ids, steps: int, device) -> dict:
     times = []
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # the reserved peak then starts from live tensors, not from blocks freed earlier
         torch.cuda.reset_peak_memory_stats()
     for _ in range(steps + 1):  # the first step warms up (allocations, kernels, optimizer state)
         sync(device)
@@ -156,6 +157,14 @@ def main(argv: list[str] | None = None) -> dict:
     flops = (6 + 2) * params * ids.numel()
     result = {"model": a.model, "params": params, "seq": a.seq, "batch": a.batch, "bits": a.bits,
               "group": a.group, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
+    setup = Setup(a.batch, a.seq, teacher_dtype=str(teacher_dtype).split(".")[1], student_dtype=a.student_dtype,
+                  activation_dtype="bfloat16" if device.type == "cuda" else a.student_dtype,
+                  optimizer=a.optimizer, gradient_checkpointing=a.checkpointing)
+    result["estimate_gib"] = round(estimate_peak(ModelShape.of(teacher), setup).total / 2**30, 3)
+
+    def timed(student, loss_fn, optimizer) -> dict:
+        row = run(teacher, student, loss_fn, optimizer, ids, a.steps, device)
+        return {**row, "mfu": round(flops / row["step_s"] / (a.peak_tflops * 1e12), 5)}
 
     method = build_method("kd", weight={"bits": a.bits, "group_size": a.group, "symmetric": False})
     student = copy.deepcopy(teacher).to(DTYPES[a.student_dtype]).requires_grad_(True).train()
@@ -164,27 +173,23 @@ def main(argv: list[str] | None = None) -> dict:
         student.config.use_cache = False
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(a.optimizer, method.trainable_parameters(student))
-    result["qatlab"] = run(teacher, student, forward_kl, optimizer, ids, a.steps, device)
+    result["qatlab"] = timed(student, forward_kl, optimizer)
     del student, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the reference's peak starts from the teacher alone, not from qatlab's cached blocks
     if not a.skip_reference:
+        write(a.out, {**result, "partial": "the reference loop has not finished"})  # kept if the reference fails
         student = eager_student(teacher, a.bits, a.group, DTYPES[a.student_dtype])
         optimizer = make_optimizer(a.optimizer, list(student.parameters()))
-        result["reference"] = run(teacher, student, eager_loss, optimizer, ids, a.steps, device)
+        result["reference"] = timed(student, eager_loss, optimizer)
         del student, optimizer
-    for key in ("qatlab", "reference"):
-        if key in result:
-            result[key]["mfu"] = round(flops / result[key]["step_s"] / (a.peak_tflops * 1e12), 5)
-    setup = Setup(a.batch, a.seq, teacher_dtype=str(teacher_dtype).split(".")[1], student_dtype=a.student_dtype,
-                  activation_dtype="bfloat16" if device.type == "cuda" else a.student_dtype,
-                  optimizer=a.optimizer, gradient_checkpointing=a.checkpointing)
-    result["estimate_gib"] = round(estimate_peak(ModelShape.of(teacher), setup).total / 2**30, 3)
     print(json.dumps(result, indent=2))
-    if a.out is not None:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=2))
+    write(a.out, result)
     return result
+
+
+def write(path: Path | None, result: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
