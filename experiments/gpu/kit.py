@@ -239,6 +239,8 @@ class Kit:
         self.state = Path(args.state or (Path.home() / "qatlab-kit")).resolve()
         self.out = Path(args.out or os.environ.get("OUT") or self.state / "out").resolve()
         self.work = self.state / "work" / call
+        if self.work.exists():  # an earlier run of this call on the same warm machine: its $OUT went back already
+            shutil.rmtree(self.work)
         for d in (self.out, self.work, self.state / "pieces", self.state / "cache", self.state / "py"):
             d.mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
@@ -448,7 +450,8 @@ class Kit:
                 rc = self.sh(cmd, log=f"{tag}-run{attempt}")
             except PartTimeout:
                 rc = "timeout"
-            results.update(collect_sweep(sweep, self.work / "results.jsonl", judge_loss=not self.dry))
+            found = collect_sweep(sweep, self.work / "results.jsonl", judge_loss=not self.dry)
+            results.update({n: r for n, r in found.items() if n in todo})
             todo = [n for n in todo if n not in results]
             if not todo or rc == "timeout" or self.part_left() < 60:
                 break
@@ -827,9 +830,11 @@ def part_race(kit: Kit) -> dict:
     checks = kit.compose_check(names, overrides)
     runnable = [n for n in names if checks[n]["error"] is None]
     results = kit.multirun(runnable, overrides, "race") if runnable else {}
+    refused = {n: r["error"] for n, r in results.items() if str(r.get("error", "")).startswith("QatlabError")}
+    results = {n: r for n, r in results.items() if n not in refused}  # e.g. OneBit: W1 only, says so up front
     table = sorted(((r.get("test/ppl_student", float("inf")), n) for n, r in results.items() if "test/ppl_student" in r))
     res = {"seconds_each": seconds, "seconds_each_asked": kit.args.seconds_each, "overrides": overrides, "results": results,
-           "not_raced": {n: checks[n]["error"] for n in names if checks[n]["error"] is not None},
+           "not_raced": {**{n: checks[n]["error"] for n in names if checks[n]["error"] is not None}, **refused},
            "ranking": [{"experiment": n, "test/ppl_student": p, "train/steps": results[n].get("train/steps")}
                        for p, n in table]}
     bad = {n: r.get("error", r["status"])[:200] for n, r in results.items() if r["status"] != "ok"}
