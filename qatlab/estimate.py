@@ -48,9 +48,10 @@ class ModelShape:
     intermediate: int
     layers: int
     vocab: int
+    qparams: int = 0  # the quantizers' own parameters (LSQ steps, SEQ alphas, OneBit's g and h): asked of them
 
     @classmethod
-    def of(cls, model: nn.Module) -> ModelShape:
+    def of(cls, model: nn.Module, qparams: int = 0) -> ModelShape:
         c = model.config
         layers = model.model.layers
         linear = sum(m.weight.numel() for m in layers.modules() if isinstance(m, nn.Linear))
@@ -59,6 +60,7 @@ class ModelShape:
             quantized=linear,
             layer_params=sum(p.numel() for p in layers[0].parameters()),
             hidden=c.hidden_size, intermediate=c.intermediate_size, layers=c.num_hidden_layers, vocab=c.vocab_size,
+            qparams=qparams,
         )
 
 
@@ -70,7 +72,9 @@ class Setup:
     student_dtype: str = "float32"
     activation_dtype: str = "float32"  # bfloat16 under bf16-mixed
     optimizer: str = "adamw"  # adamw | adamw8bit
-    trainable: str = "all"  # all | quantized
+    trainable: str = "all"  # all | weights | qparams | weights+qparams (qatlab.stages.params)
+    frozen_codes: bool = False  # freeze_codes: an int16 code per quantized weight is kept
+    teacher: bool = True  # False when the loss reads no teacher (ce)
     strategy: str = "ddp"  # ddp (also: auto, one device) | fsdp | deepspeed_zero2 | deepspeed_zero3
     world_size: int = 1
     teacher_placement: str = "shard"  # fsdp only
@@ -101,7 +105,8 @@ def estimate_peak(shape: ModelShape, s: Setup) -> Estimate:
     shard_states = shard_weights or s.strategy == "deepspeed_zero2"
     teacher_shard = s.strategy == "deepspeed_zero3" or (s.strategy == "fsdp" and s.teacher_placement == "shard")
     sb, tb, ab = BYTES[s.student_dtype], BYTES[s.teacher_dtype], BYTES[s.activation_dtype]
-    trainable = shape.params if s.trainable == "all" else shape.quantized
+    trainable = {"all": shape.params + shape.qparams, "weights": shape.quantized, "qparams": shape.qparams,
+                 "weights+qparams": shape.quantized + shape.qparams}[s.trainable]
     tokens = s.batch_size * s.seq_len
     per_layer_act = tokens * (ACT_H * shape.hidden + ACT_I * shape.intermediate) * ab
     if s.gradient_checkpointing:
@@ -112,17 +117,21 @@ def estimate_peak(shape: ModelShape, s: Setup) -> Estimate:
         quant_copies = shape.quantized * sb
     cached = s.teacher_cache_k is not None
     teacher_logits = tokens * s.teacher_cache_k * 12 if cached else tokens * shape.vocab * tb  # int64 ids + fp32
+    if not s.teacher:
+        teacher_logits = 0
     loss = (tokens * shape.vocab * (ab + sb) + teacher_logits  # student logits + their gradient + teacher's
             + LOSS_CHUNK_COPIES * min(tokens, s.chunk_size) * shape.vocab * 4)
     parts = {
-        "teacher weights": 0 if cached else shape.params * tb / (w if teacher_shard else 1),
-        "student weights": shape.params * sb / (w if shard_weights else 1),
+        "teacher weights": 0 if cached or not s.teacher else shape.params * tb / (w if teacher_shard else 1),
+        "student weights": (shape.params * sb + shape.qparams * 4) / (w if shard_weights else 1),
         "gradients": trainable * sb / (w if shard_states else 1),
         "optimizer state": trainable * (8 if s.optimizer == "adamw" else 2) / (w if shard_states else 1),
         "fake-quant copies": quant_copies,
         "activations": activations,
         "peak phase": max(loss, per_layer_act if s.gradient_checkpointing else 0),
     }
+    if s.frozen_codes:
+        parts["frozen codes"] = shape.quantized * 2 / (w if shard_weights else 1)
     if shard_weights:  # FSDP / ZeRO-3 gather one layer at a time (plus one prefetched)
         parts["gathered layers"] = 2 * shape.layer_params * sb
     return Estimate(parts)
@@ -131,20 +140,30 @@ def estimate_peak(shape: ModelShape, s: Setup) -> Estimate:
 # ---- from a composed run config --------------------------------------------------------------------
 
 
+def whole_model_stage(cfg: DictConfig) -> DictConfig:
+    """The recipe's whole-model stage config ({} when it has none: a PTQ or block-wise-only recipe)."""
+    for stage in (cfg.get("stages") or {}).values():
+        if str(stage.get("_target_", "")).endswith("WholeModel"):
+            return stage
+    return DictConfig({})
+
+
 def setup_from_cfg(cfg: DictConfig, world_size: int | None = None) -> Setup:
-    trainer, method = cfg.trainer, cfg.method
+    trainer, stage, loss = cfg.trainer, whole_model_stage(cfg), cfg.get("loss") or {}
     cache = cfg.get("teacher_cache") or {}
     return Setup(
         batch_size=cfg.data.batch_size, seq_len=cfg.data.block_size,
         teacher_dtype=cfg.model.dtype, student_dtype=cfg.model.student_dtype,
         activation_dtype="bfloat16" if str(trainer.precision).startswith("bf16") else cfg.model.student_dtype,
         optimizer="adamw8bit" if "8bit" in cfg.optimizer._target_ else "adamw",
-        trainable=method.get("trainable", "all"),
+        trainable=stage.get("train", "all"),
+        frozen_codes=bool(stage.get("freeze_codes", False)),
+        teacher=not str(loss.get("_target_", "")).endswith("CrossEntropy") or loss.get("hidden_mse", 0) > 0,
         strategy=strategy_name(trainer.get("strategy")),
         world_size=world_size or _world_size(trainer),
         teacher_placement=(trainer.get("strategy") or {}).get("teacher", "shard") if isinstance(trainer.get("strategy"), DictConfig) else "shard",
-        gradient_checkpointing=bool(method.get("gradient_checkpointing", False)),
-        chunk_size=method.get("chunk_size", 1024),
+        gradient_checkpointing=bool(stage.get("gradient_checkpointing", False)),
+        chunk_size=loss.get("chunk_size", 1024),
         teacher_cache_k=cache.get("k") if cache.get("enabled") else None,
     )
 
@@ -166,8 +185,11 @@ def _world_size(trainer) -> int:
     return int(devices) * int(trainer.get("num_nodes", 1))
 
 
-def model_shape(model_cfg: DictConfig) -> ModelShape:
-    """The model's shape from its config alone (weights on the meta device: nothing is allocated)."""
+def model_shape(model_cfg: DictConfig, recipe=None) -> ModelShape:
+    """The model's shape from its config alone (weights on the meta device: nothing is allocated).
+
+    With a recipe, its layers are swapped in on the meta device and its quantizers asked how many
+    parameters of their own they hold."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qatlab.models.loading import EMBEDDED, TINY, _load_tokenizer
@@ -189,7 +211,14 @@ def model_shape(model_cfg: DictConfig) -> ModelShape:
                     "or not downloaded). The estimate needs only the config: point model.name_or_path at a local "
                     "folder that holds config.json (no weights needed)") from None
             model = AutoModelForCausalLM.from_config(config)
-    return ModelShape.of(model)
+        shape = ModelShape.of(model)
+        if recipe is None:
+            return shape
+        from qatlab.stages.params import quantizer_parameters
+
+        recipe.convert(model)
+        shape.qparams = sum(p.numel() for p in quantizer_parameters(model))
+    return shape
 
 
 def main(argv: list[str] | None = None) -> Estimate:
@@ -202,7 +231,9 @@ def main(argv: list[str] | None = None) -> Estimate:
         cfg = compose("train", overrides=list(sys.argv[1:] if argv is None else argv))
     setup = setup_from_cfg(cfg)
     try:
-        estimate = estimate_peak(model_shape(cfg.model), setup)
+        from qatlab.recipes import build_recipe
+
+        estimate = estimate_peak(model_shape(cfg.model, build_recipe(cfg)), setup)
     except QatlabError as err:
         raise SystemExit(f"error: {err}") from None
     print(f"{cfg.model.name_or_path}, method={cfg.method.name}, strategy={setup.strategy} x {setup.world_size}, "

@@ -29,7 +29,6 @@ log = logging.getLogger("qatlab")
 
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = typing.get_args(_PRECISION_INPUT_STR) + typing.get_args(_PRECISION_INPUT_STR_ALIAS)
-NO_TRAINING = ("rtn", "gptq")  # methods that never compute a distillation loss
 
 
 class RiskySettingWarning(UserWarning):
@@ -138,7 +137,7 @@ def warn_risky(cfg: DictConfig) -> None:
     """Settings that run but often end in NaNs or wasted time: a warning, not an error."""
     fp16 = "16" in str(cfg.trainer.get("precision", "")).replace("bf16", "") or "float16" in (
         cfg.model.get("dtype"), cfg.model.get("student_dtype"))
-    if fp16 and cfg.method.get("name") not in NO_TRAINING:
+    if fp16 and cfg.get("stages"):
         _warn(f"fp16 with a KL distillation loss (method={cfg.method.get('name')}, "
               f"trainer.precision={cfg.trainer.get('precision')}, model.student_dtype={cfg.model.get('student_dtype')}): "
               "softmax over a large vocabulary overflows fp16 and gives NaN steps; prefer trainer.precision=bf16-mixed "

@@ -8,20 +8,20 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import qatlab.quant.clip_search as clip_search
+import qatlab.inits.clip_search as clip_search
 from qatlab.errors import QatlabError
-from qatlab.losses import top1_probability_sum
-from qatlab.methods import build_method
-from qatlab.module import QATModule
-from qatlab.quant import QuantConfig, fake_quantize
+from qatlab.losses.divergences import top1_probability_sum
+from qatlab.recipes import compose_recipe
+from qatlab.stages.qat_module import QATModule
+from qatlab.quantizers import QuantConfig, fake_quantize
 from qatlab.train import make_student, train
 from tests.test_train import CONF
 
 W2 = {"bits": 2, "symmetric": False, "group_size": 32}
 
 
-def bitdistiller(tmp_path, **options):
-    return build_method("bitdistiller", weight=W2, clip={"cache_dir": str(tmp_path / "clip")}, **options)
+def bitdistiller(tmp_path, *overrides):
+    return compose_recipe("bitdistiller", ["method.weight.group_size=32", f"init.cache_dir={tmp_path}/clip", *overrides])
 
 
 def batches(n=2, seed=0):
@@ -39,17 +39,19 @@ def test_asymmetric_int2_group_quantizer_against_hand_computed_values():
 
 
 def test_options_are_checked_with_one_line_messages(tmp_path):
-    with pytest.raises(QatlabError, match=r"method.loss='kl' is not known; choose one of \['cakld'"):
-        bitdistiller(tmp_path, loss="kl")
-    with pytest.raises(QatlabError, match=r"method.gamma_batches=0 must be an integer >= 1"):
-        bitdistiller(tmp_path, gamma_batches=0)
-    with pytest.raises(QatlabError, match=r"method 'bitdistiller' has no option\(s\) \['gama'\]"):
-        build_method("bitdistiller", gama=0.5)
-    assert bitdistiller(tmp_path, train=False).trains is False
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match=r"Could not find 'loss/kl'"):
+        bitdistiller(tmp_path, "loss=kl")
+    with pytest.raises(QatlabError, match=r"loss.gamma_batches=0 must be an integer >= 1"):
+        bitdistiller(tmp_path, "loss.gamma_batches=0")
+    with pytest.raises(QatlabError, match=r"loss \(qatlab.losses.CAKLD\): .*gama"):
+        bitdistiller(tmp_path, "+loss.gama=0.5")
+    assert bitdistiller(tmp_path, "stages.train.enabled=false").trains is False
 
 
 def test_gamma_is_measured_over_the_first_batches_then_fixed_and_restorable(tmp_path):
-    method = bitdistiller(tmp_path, gamma_batches=2)
+    method = bitdistiller(tmp_path, "loss.gamma_batches=2")
     torch.manual_seed(0)
     logits = [torch.randn(2, 5, 7) * s for s in (1.0, 3.0, 10.0)]
     sums = [top1_probability_sum(t)[0].item() for t in logits]
@@ -57,10 +59,10 @@ def test_gamma_is_measured_over_the_first_batches_then_fixed_and_restorable(tmp_
     out = [method.loss(student, SimpleNamespace(logits=t), {})["cakld_gamma"].item() for t in logits]
     assert out[0] == pytest.approx(sums[0] / 10, rel=1e-5)  # running mean while measuring
     assert out[1] == pytest.approx((sums[0] + sums[1]) / 20, rel=1e-5)
-    assert out[2] == out[1] and method.gamma_fixed  # the third batch no longer moves it
-    resumed = bitdistiller(tmp_path, gamma_batches=2)
+    assert out[2] == out[1] and method.loss.gamma_fixed  # the third batch no longer moves it
+    resumed = bitdistiller(tmp_path, "loss.gamma_batches=2")
     resumed.load_state_dict(method.state_dict())
-    assert resumed.gamma == method.gamma and resumed.gamma_fixed
+    assert resumed.loss.gamma == method.loss.gamma and resumed.loss.gamma_fixed
 
 
 @pytest.mark.parametrize("loss", ["cakld", "forward_kl", "reverse_kl", "jsd"])
@@ -70,10 +72,10 @@ def test_every_loss_trains_the_tiny_student(tmp_path, loss):
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
     teacher = LlamaForCausalLM(config).eval()
-    method = bitdistiller(tmp_path, loss=loss, gamma_batches=2)
+    method = bitdistiller(tmp_path, f"loss={loss}", *(["loss.gamma_batches=2"] if loss == "cakld" else []))
     student = make_student(teacher, method, "float32")
-    method.init(student, teacher, batches())
-    module = QATModule(teacher, student, method, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    method.initialize(student, teacher, batches())
+    module = QATModule(teacher, student, method.loss, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     optimizer = module.configure_optimizers()
     batch = batches(1, seed=1)[0]
     losses = []
@@ -93,10 +95,10 @@ def test_clip_cache_is_written_then_reused_without_searching(tmp_path, tiny_llam
     teacher = tiny_llama_model
     first = bitdistiller(tmp_path)
     student = make_student(teacher, first, "float32")
-    first.init(student, teacher, batches())
-    report = first.clip_report
+    facts = first.initialize(student, teacher, batches())
+    report = first.init.report
     assert not report.cached and report.layers == 10 and report.path.exists()
-    assert first.describe()["init/clip_layers"] == 10
+    assert facts["init/clip_layers"] == 10
 
     def no_search(*args, **kwargs):
         raise AssertionError("the clip search ran although its result was cached")
@@ -104,24 +106,25 @@ def test_clip_cache_is_written_then_reused_without_searching(tmp_path, tiny_llam
     monkeypatch.setattr(clip_search, "search_model", no_search)
     second = bitdistiller(tmp_path)
     again = make_student(teacher, second, "float32")
-    second.init(again, teacher, batches())
-    assert second.clip_report.cached and second.clip_report.path == report.path
+    second.initialize(again, teacher, batches())
+    assert second.init.report.cached and second.init.report.path == report.path
     for (name, a), b in zip(student.named_parameters(), again.parameters()):
         assert torch.equal(a, b), name
     assert list((tmp_path / "clip").iterdir()) == [report.path]  # no temp files left behind
 
     # other calibration data or other quantizer settings: another key
-    third = build_method("bitdistiller", weight={**W2, "bits": 3}, clip={"cache_dir": str(tmp_path / "clip")})
+    third = bitdistiller(tmp_path, "method.weight.bits=3")
     with pytest.raises(AssertionError, match="clip search ran"):
-        third.init(make_student(teacher, third, "float32"), teacher, batches())
+        third.initialize(make_student(teacher, third, "float32"), teacher, batches())
     fourth = bitdistiller(tmp_path)
     with pytest.raises(AssertionError, match="clip search ran"):
-        fourth.init(make_student(teacher, fourth, "float32"), teacher, batches(seed=5))
+        fourth.initialize(make_student(teacher, fourth, "float32"), teacher, batches(seed=5))
 
 
 def test_gradient_checkpointing_option(tmp_path, tiny_llama_model):
-    method = bitdistiller(tmp_path, gradient_checkpointing=True)
+    method = bitdistiller(tmp_path, "stages.train.gradient_checkpointing=true")
     student = make_student(tiny_llama_model, method, "float32")
+    method.stages[0].prepare(student, method)
     assert any(getattr(m, "gradient_checkpointing", False) is True for m in student.modules())
 
 
@@ -132,7 +135,7 @@ def make_cfg(tmp_path, *overrides):
 
 def test_tiny_bitdistiller_run_end_to_end(tmp_path):
     cfg = make_cfg(tmp_path, "experiment=tiny_smoke", "method=bitdistiller", "method.weight.group_size=32",
-                   f"method.clip.cache_dir={tmp_path}/clip", "method.gamma_batches=2")
+                   f"init.cache_dir={tmp_path}/clip", "loss.gamma_batches=2")
     results = train(cfg)
     assert results["method"] == "bitdistiller" and results["train/steps"] == cfg.trainer.max_steps
     for key in ("test/ppl_teacher", "test/ppl_rtn", "test/ppl_student"):
@@ -145,6 +148,6 @@ def test_tiny_bitdistiller_run_end_to_end(tmp_path):
 
 def test_clip_only_run_skips_training(tmp_path):
     cfg = make_cfg(tmp_path, "experiment=tiny_smoke", "method=bitdistiller", "method.weight.group_size=32",
-                   f"method.clip.cache_dir={tmp_path}/clip", "method.train=false")
+                   f"init.cache_dir={tmp_path}/clip", "stages.train.enabled=false")
     results = train(cfg)
     assert "train/steps" not in results and math.isfinite(results["test/ppl_student"])

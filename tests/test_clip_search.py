@@ -2,8 +2,8 @@
 
 import torch
 
-from qatlab.quant import QuantConfig, fake_quantize
-from qatlab.quant.clip_search import (
+from qatlab.quantizers import QuantConfig, fake_quantize
+from qatlab.inits.clip_search import (
     ClipConfig,
     GramHook,
     apply_clip,
@@ -14,7 +14,7 @@ from qatlab.quant.clip_search import (
     _calibration,
 )
 from qatlab.train import make_student
-from qatlab.methods import build_method
+from qatlab.recipes import compose_recipe
 
 W2 = QuantConfig(bits=2, symmetric=False, granularity="group", group_size=32)
 
@@ -85,7 +85,7 @@ def test_quantize_clamped_is_bit_identical_to_clamp_then_fake_quantize():
 
 def test_block_walker_sees_the_same_inputs_as_a_full_forward(tiny_llama_model):
     teacher = tiny_llama_model
-    method = build_method("bitdistiller", weight={"bits": 2, "symmetric": False, "group_size": 32})
+    method = compose_recipe("bitdistiller", ["method.weight.group_size=32"])
     student = make_student(teacher, method, "float32")
     layers = {n: student.get_submodule(n) for n in method.quantized_layers}
     targets = clip_targets(layers, skip_qk=True)
@@ -127,8 +127,8 @@ def test_unknown_clip_key_is_one_clear_line():
 
     from qatlab.errors import QatlabError
 
-    with pytest.raises(QatlabError, match=r"method.clip: unknown key\(s\) \['girds'\]; valid keys are .*'grid'"):
+    with pytest.raises(QatlabError, match=r"init \(clip\): unknown key\(s\) \['girds'\]; valid keys are .*'grid'"):
         ClipConfig.from_dict({"girds": 5})
-    with pytest.raises(QatlabError, match=r"method.clip.max_shrink=1.2 must lie in \[0, 1\)"):
+    with pytest.raises(QatlabError, match=r"init.max_shrink=1.2 must lie in \[0, 1\)"):
         ClipConfig.from_dict({"max_shrink": 1.2})
 

@@ -13,20 +13,21 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qatlab.estimate import ModelShape, Setup, estimate_peak, main
-from qatlab.methods import build_method
+from qatlab.recipes import compose_recipe
+from qatlab.stages.params import parameter_groups
 from qatlab.models import load_causal_lm
-from qatlab.module import freeze
+from qatlab.stages.qat_module import freeze
 from qatlab.train import make_student
 
 
 def measured_peak(teacher, batch_size, seq_len, checkpointing=False) -> float:
     """Peak live tensor bytes over two KD steps (teacher no-grad fwd, student fwd + bwd, AdamW)."""
-    method = build_method("kd", weight={"bits": 4, "group_size": 32})
+    method = compose_recipe("kd", ["method.weight.group_size=32"])
     student = make_student(freeze(teacher), method, "float32").train()
     if checkpointing:
         student.config.use_cache = False
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(method.trainable_parameters(student), lr=1e-4)
+    optimizer = torch.optim.AdamW(parameter_groups(student, "all", None), lr=1e-4)
     ids = torch.randint(0, teacher.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     for p in teacher.parameters():  # MemTracker hooks every parameter it sees; the teacher still runs under no_grad

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatlab.errors import QatlabError
-from qatlab.quant import FakeQuantLinear, QuantConfig, fake_quantize
+from qatlab.quantizers import QuantConfig, fake_quantize
+from qatlab.layers import FakeQuantLinear
 
 W4 = QuantConfig(bits=4, granularity="group", group_size=8)
 A8 = QuantConfig(bits=8, granularity="token", name="act")
@@ -81,4 +82,4 @@ def test_rejects_non_linear():
 def test_repr_is_readable(linear):
     text = repr(FakeQuantLinear.from_linear(linear, W4, A8))
     assert "in_features=16, out_features=6" in text
-    assert "weight=4-bit sym group8" in text and "act=8-bit sym token" in text
+    assert "MinMax(4-bit sym group8, shape=(6, 16))" in text and "DynamicQuantizer(8-bit sym token)" in text

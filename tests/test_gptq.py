@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from qatlab.errors import QatlabError
-from qatlab.methods import build_method
-from qatlab.quant import QuantConfig, fake_quantize
-from qatlab.quant.clip_search import calibration_sequences
-from qatlab.quant.gptq import GPTQConfig, SinkAwareGram, gptq_model, gptq_quantize, output_error, with_sink
-from qatlab.quant.primitives import quantize
+from qatlab.recipes import compose_recipe
+from qatlab.quantizers import QuantConfig, fake_quantize
+from qatlab.inits.clip_search import calibration_sequences
+from qatlab.inits.gptq_solver import GPTQConfig, SinkAwareGram, gptq_model, gptq_quantize, output_error, with_sink
+from qatlab.quantizers.primitives import quantize
 from qatlab.train import make_student, train
 from tests.test_train import make_cfg
 
@@ -111,10 +111,10 @@ def test_dead_inputs_are_zeroed_and_the_rest_is_finite():
 
 def test_model_walk_beats_rtn_and_students_compute_gptq_weights(tiny_llama_model):
     teacher = tiny_llama_model
-    method = build_method("gptq", weight={"bits": 3, "symmetric": False, "group_size": 32})
+    w3 = ["method.weight.bits=3", "method.weight.symmetric=false", "method.weight.group_size=32"]
+    method = compose_recipe("gptq", w3)
     student = make_student(teacher, method, "float32")
-    rtn_student = make_student(teacher, build_method("rtn", weight={"bits": 3, "symmetric": False, "group_size": 32}),
-                               "float32")
+    rtn_student = make_student(teacher, compose_recipe("rtn", w3), "float32")
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, 128, (4, 32), generator=g)} for _ in range(4)]
     layers = {n: student.get_submodule(n) for n in method.quantized_layers}
@@ -130,7 +130,7 @@ def test_model_walk_beats_rtn_and_students_compute_gptq_weights(tiny_llama_model
 
 def test_tiny_gptq_run_end_to_end(tmp_path):
     cfg = make_cfg(tmp_path, "experiment=tiny_smoke", "method=gptq", "method.weight.group_size=32",
-                   "method.act_order=true", "logger=none")
+                   "init.act_order=true", "logger=none")
     results = train(cfg)
     assert results["method"] == "gptq" and "train/steps" not in results
     for key in ("test/ppl_teacher", "test/ppl_rtn", "test/ppl_student"):
@@ -163,18 +163,18 @@ def test_first_token_gram_sees_only_each_sequences_first_kept_token():
 
 
 def test_sink_share_is_validated():
-    with pytest.raises(QatlabError, match=r"method.sink_share=1.0 must lie in \[0, 1\)"):
+    with pytest.raises(QatlabError, match=r"init.sink_share=1.0 must lie in \[0, 1\)"):
         GPTQConfig(sink_share=1.0)
 
 
 def test_sink_share_lowers_the_first_token_error_in_a_model_walk(tiny_llama_model):
     """With the first tokens' Gram mixed in, the quantized layers' error on first-token inputs drops."""
-    weight = {"bits": 3, "symmetric": False, "group_size": 32}
+    weight = ["method.weight.bits=3", "method.weight.symmetric=false", "method.weight.group_size=32"]
     g = torch.Generator().manual_seed(0)
     sequences = calibration_sequences([{"input_ids": torch.randint(0, 128, (8, 32), generator=g)}], None)
     errors = {}
     for share in (0.0, 0.5):
-        method = build_method("gptq", weight=weight)
+        method = compose_recipe("gptq", weight)
         student = make_student(tiny_llama_model, method, "float32")
         layers = {n: student.get_submodule(n) for n in method.quantized_layers}
         first_inputs = {}

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from qatlab.checkpointing import safe_load
 from qatlab.errors import QatlabError
-from qatlab.methods.kd import KD
+from qatlab.losses.objectives import Loss
 from qatlab.train import train
 from qatlab.validate import RiskySettingWarning, validate_config
 
@@ -26,8 +26,8 @@ def make_cfg(out, *overrides):
 
 
 def plant(monkeypatch, bad_calls, kind="loss"):
-    """KD's loss goes bad on the given (0-based) calls: a NaN loss, or a finite loss with NaN gradients."""
-    real = KD.loss
+    """The loss goes bad on the given (0-based) calls: a NaN loss, or a finite loss with NaN gradients."""
+    real = Loss.__call__
     calls = {"n": 0}
 
     def loss(self, student_out, teacher_out, batch):
@@ -42,7 +42,7 @@ def plant(monkeypatch, bad_calls, kind="loss"):
         poison = torch.where(torch.tensor(False), logits.sum() * float("nan"), torch.zeros(()))
         return {**out, "loss": out["loss"] + poison}
 
-    monkeypatch.setattr(KD, "loss", loss)
+    monkeypatch.setattr(Loss, "__call__", loss)
 
 
 def student_weights(results_dir):

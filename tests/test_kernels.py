@@ -20,18 +20,22 @@ from qatlab import kernels
 from qatlab.errors import QatlabError
 from qatlab.export import load_packed
 from qatlab.export.bitpack import pack_codes
-from qatlab.export.int_export import pack_int_layer
+from qatlab.export import export_packed
+from qatlab.export.int_export import pack_codes_layer
+from qatlab.export.manifest import grid_from_dict
 from qatlab.export.packed_linear import PackedLinear
 from qatlab.export.packed_onebit import PackedOneBitLinear
-from qatlab.methods import build_method
-from qatlab.quant import FakeQuantLinear, QuantConfig, fake_quantize
+from qatlab.recipes import compose_recipe
+from qatlab.quantizers import QuantConfig, fake_quantize
+from qatlab.layers import FakeQuantLinear
 from qatlab.train import make_student
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
 W2 = QuantConfig(bits=2, symmetric=False, group_size=64)
 KERNEL_CONFIGS = [W2, QuantConfig(bits=4, symmetric=True, granularity="channel"),
-                  QuantConfig(bits=8, symmetric=False, group_size=32)]
+                  QuantConfig(bits=8, symmetric=False, group_size=32),
+                  QuantConfig(bits=2, symmetric=True, range="full", group_size=64)]
 TILE = {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}
 
 
@@ -40,8 +44,9 @@ def w2_case(cfg=W2, out_features=40, in_features=192, device="cpu"):
     torch.manual_seed(0)
     linear = nn.Linear(in_features, out_features).to(device)
     fake = FakeQuantLinear.from_linear(linear, cfg)
-    t, _ = pack_int_layer(fake)
-    return fake, PackedLinear(t["qweight"], t["scales"], t.get("zeros"), linear.bias, in_features, cfg)
+    t, entry = pack_codes_layer(fake)
+    return fake, PackedLinear(t["qweight"], t["scales"], t.get("zeros"), linear.bias, in_features,
+                              grid_from_dict(entry["grid"], "test"), entry["group_size"])
 
 
 def w1_case(out_features=40, in_features=200, device="cpu", dtype=torch.float32):
@@ -103,7 +108,8 @@ def test_int_kernel_in_the_interpreter_matches_the_reference(cfg, tokens):
     fake, packed = w2_case(cfg)
     x = torch.randn(tokens, 192)
     reference = F.linear(x, fake_quantize(fake.weight, cfg), fake.bias)
-    y = int_gemv(x, packed.qweight, packed.scales, packed.zeros, cfg, packed.bias, tile=TILE)
+    y = int_gemv(x, packed.qweight, packed.scales, packed.zeros, packed.grid.bits, packed.group_size,
+                 packed.grid.fixed_zero - packed.grid.qmin, packed.bias, tile=TILE)
     torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
 
 
@@ -154,11 +160,11 @@ def test_sign_kernel_on_the_gpu_matches_the_fallback(tokens):
 @pytest.mark.parametrize("method_name", ["rtn", "onebit"])
 def test_packed_model_on_the_gpu_in_bf16_is_close_to_the_student(tmp_path, tiny_llama_model, method_name):
     """Stated GPU tolerance: bf16 packed logits (kernels for <= 16 tokens) within 0.1 of the fp32 student's."""
-    options = {"weight": {"bits": 2, "symmetric": False, "group_size": 64}} if method_name == "rtn" else {}
-    method = build_method(method_name, **options)
-    student = make_student(tiny_llama_model, method, "float32").eval()
-    method.init(student, tiny_llama_model, [])
-    packed = load_packed(method.export(student, tmp_path), dtype="bfloat16", device="cuda")
+    overrides = ["method.weight.bits=2", "method.weight.symmetric=false"] if method_name == "rtn" else []
+    recipe = compose_recipe(method_name, overrides)
+    student = make_student(tiny_llama_model, recipe, "float32").eval()
+    recipe.initialize(student, tiny_llama_model, [])
+    packed = load_packed(export_packed(student, tmp_path), dtype="bfloat16", device="cuda")
     ids = torch.randint(0, 128, (1, 16), device="cuda")
     with torch.no_grad():
         a = packed(input_ids=ids).logits.float()

@@ -3,9 +3,10 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qatlab.methods import build_method
-from qatlab.quant import QuantConfig, fake_quantize
-from qatlab.quant.kv import enable_kv_quant, set_kv_quant_enabled
+from qatlab.recipes import compose_recipe
+from qatlab.stages.params import parameter_groups
+from qatlab.quantizers import QuantConfig, fake_quantize
+from qatlab.layers.kv import enable_kv_quant, set_kv_quant_enabled
 from qatlab.train import make_student
 
 
@@ -54,12 +55,12 @@ def test_kv_at_4_bits_changes_logits_and_can_be_switched_off():
     assert torch.equal(model(ids).logits, reference)
 
 
-def test_kv_bits_16_means_off_and_teacher_is_never_hooked():
+def test_kv_null_means_off_and_teacher_is_never_hooked():
     teacher = tiny_gqa_llama()
-    method = build_method("llm_qat", kv={"bits": 16})
+    method = compose_recipe("llm_qat", ["method.kv=null"])
     student = make_student(teacher, method, "float32")
     assert method.kv_config is None and student.config._attn_implementation != "qatlab_kv"
-    method = build_method("llm_qat")
+    method = compose_recipe("llm_qat")
     student = make_student(teacher, method, "float32")
     assert student.config._attn_implementation == "qatlab_kv"
     assert teacher.config._attn_implementation != "qatlab_kv"
@@ -80,9 +81,9 @@ def test_kv_quantization_matches_quantized_cache_decoding():
 
 def test_tiny_llm_qat_lowers_its_loss():
     teacher = tiny_gqa_llama(init_std=0.2)  # peaked logits, so W4A8KV4 has a real error to remove
-    method = build_method("llm_qat")
+    method = compose_recipe("llm_qat")
     student = make_student(teacher, method, "float32")
-    optimizer = torch.optim.AdamW(method.trainable_parameters(student), lr=1e-3)
+    optimizer = torch.optim.AdamW(parameter_groups(student, "all", None), lr=1e-3)
     batch = {"input_ids": torch.randint(0, 128, (4, 32))}
     with torch.no_grad():
         teacher_out = teacher(input_ids=batch["input_ids"])

@@ -12,8 +12,8 @@ from qatlab.data.logit_cache import (
     KEYS, CachedBlockDataset, LogitCache, build_logit_cache, cache_dir_for, cache_info, cached_teacher_output,
 )
 from qatlab.errors import QatlabError
-from qatlab.losses import cakld, forward_kl, jsd, reverse_kl, top1_probability_sum
-from qatlab.losses_topk import TopKLogits, topk_from_logits
+from qatlab.losses.divergences import cakld, forward_kl, jsd, reverse_kl, top1_probability_sum
+from qatlab.losses.topk import TopKLogits, topk_from_logits
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 LOSSES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "cakld": lambda s, t, m: cakld(s, t, m, gamma=0.3)}
@@ -136,10 +136,10 @@ def test_cache_key_resume_and_mismatch(tmp_path, tiny_llama_model):
 
 
 def test_a_method_that_needs_hidden_states_cannot_use_the_cache(tiny_llama_model):
-    from qatlab.methods import build_method
-    from qatlab.module import QATModule
+    from qatlab.losses import ForwardKL
+    from qatlab.stages.qat_module import QATModule
 
-    module = QATModule(None, tiny_llama_model, build_method("kd"), optimizer=torch.optim.AdamW)
+    module = QATModule(None, tiny_llama_model, ForwardKL(), optimizer=torch.optim.AdamW)
     top = topk_from_logits(torch.randn(1, 4, 128), 3)
     batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), **dict(zip(KEYS, (top.indices, top.logprobs, top.log_rest)))}
     assert isinstance(module.teacher_outputs(batch, {}).logits, TopKLogits)
@@ -151,7 +151,7 @@ def test_a_method_that_needs_hidden_states_cannot_use_the_cache(tiny_llama_model
 
 def test_a_tiny_run_trains_from_the_cache_without_the_teacher(tmp_path, monkeypatch):
     """End to end: the cache is built once, the fit never calls the teacher, a second run reuses it."""
-    from qatlab.module import QATModule
+    from qatlab.stages.qat_module import QATModule
     from qatlab.train import train
 
     seen = []
@@ -162,7 +162,7 @@ def test_a_tiny_run_trains_from_the_cache_without_the_teacher(tmp_path, monkeypa
         return original(self, batch, hidden)
 
     monkeypatch.setattr(QATModule, "teacher_outputs", spy)
-    overrides = ["experiment=tiny_smoke", "method=bitdistiller", "method.clip.enabled=false",
+    overrides = ["experiment=tiny_smoke", "method=bitdistiller", "init=none",
                  "method.weight.group_size=64", "trainer.max_steps=2", "data.max_train_blocks=6",
                  "teacher_cache.enabled=true", "teacher_cache.k=16", f"teacher_cache.dir={tmp_path}/cache",
                  "eval.rtn_baseline=false", f"results_file={tmp_path}/r.jsonl"]

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from qatlab.losses import forward_kl, reference_forward_kl
+from qatlab.losses.divergences import forward_kl, reference_forward_kl
 
 
 def test_forward_kl_matches_hand_computed_two_token_example():
@@ -59,7 +59,7 @@ def test_mismatched_vocabularies_say_so():
 
 # ---- reverse KL, CAKLD, JSD ---------------------------------------------------------------------
 
-from qatlab.losses import (  # noqa: E402
+from qatlab.losses.divergences import (  # noqa: E402
     cakld,
     jsd,
     reference_cakld,

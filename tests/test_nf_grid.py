@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from qatlab.quant import QuantConfig, dequantize, fake_quantize, quantize
-from qatlab.quant.nf_grid import nf_codebook, nf_round
+from qatlab.quantizers import QuantConfig, dequantize, fake_quantize, quantize
+from qatlab.quantizers.nf_grid import nf_codebook, nf_round
 
 # BitDistiller's reference NF3 table (quantization/quantizer.py, round_n2f3) and QLoRA's NF4 table.
 NF3 = [-1.0, -0.5350227355957031, -0.2469314038753510, 0.0, 0.1833375245332718, 0.3819939494132996,

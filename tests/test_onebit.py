@@ -12,13 +12,14 @@ from torch import nn
 from qatlab.callbacks.nonfinite_guard import NonFiniteGuard
 from qatlab.callbacks.surrogate_schedule import sharpness_at
 from qatlab.errors import QatlabError
-from qatlab.export import load_packed, storage_report
+from qatlab.export import export_packed, load_packed, storage_report
 from qatlab.export.packed_onebit import PackedOneBitLinear
-from qatlab.losses import normalized_hidden_mse
-from qatlab.methods import build_method
-from qatlab.module import QATModule
-from qatlab.quant.nmf import rank1_nmf, rank1_svd, svid
-from qatlab.quant.onebit_linear import OneBitLinear, SignSTE, SignTanhGrad
+from qatlab.losses.divergences import normalized_hidden_mse
+from qatlab.recipes import compose_recipe
+from qatlab.stages.params import parameter_groups
+from qatlab.stages.qat_module import QATModule
+from qatlab.inits.nmf import rank1_nmf, rank1_svd, svid
+from qatlab.layers.onebit_linear import OneBitLinear, SignSTE, SignTanhGrad
 from qatlab.train import make_student, train
 from tests.test_train import CONF
 
@@ -28,11 +29,11 @@ def layer_from(weight, bias=None, **options):
                         **options)
 
 
-def onebit_student(teacher, **options):
-    method = build_method("onebit", **options)
-    student = make_student(teacher, method, "float32")
-    method.init(student, teacher, [])
-    return method, student
+def onebit_student(teacher, *overrides, calibration=()):
+    recipe = compose_recipe("onebit", list(overrides))
+    student = make_student(teacher, recipe, "float32")
+    recipe.initialize(student, teacher, list(calibration))
+    return recipe, student
 
 
 # ---- the layer -------------------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def test_forward_against_a_hand_computed_example():
 def test_affine_norm_and_options():
     layer = layer_from([[1.0, -1.0]], norm_affine=True)
     assert [n for n, _ in layer.named_parameters()] == ["weight", "g", "h", "norm.weight", "norm.bias"]
-    with pytest.raises(QatlabError, match=r"method.surrogate='sign' is not known; use one of \['tanh', 'ste'\]"):
+    with pytest.raises(QatlabError, match=r"quantizer.surrogate='sign' is not known; use one of \['tanh', 'ste'\]"):
         layer_from([[1.0]], surrogate="sign")
 
 
@@ -125,7 +126,7 @@ def test_rank1_nmf_of_a_weight_magnitude_equals_the_rank1_svd_product():
 @pytest.mark.parametrize("init", ["svid", "svd"])
 def test_svid_init_of_a_layer(tiny_llama_model, init):
     teacher = tiny_llama_model
-    method, student = onebit_student(teacher, init=init, latent_scale=0.02)
+    method, student = onebit_student(teacher, f"init.method={init}", "init.latent_scale=0.02")
     name = "model.layers.1.mlp.down_proj"
     w0 = teacher.get_submodule(name).weight.detach()  # (64, 128): out 64, in 128
     layer = student.get_submodule(name)
@@ -156,13 +157,13 @@ def test_loss_parts_and_hidden_states_switch():
     hidden = [tuple(torch.randn(1, 3, 4) for _ in range(3)) for _ in range(2)]
     student = SimpleNamespace(logits=logits[0], hidden_states=hidden[0])
     teacher = SimpleNamespace(logits=logits[1], hidden_states=hidden[1])
-    method = build_method("onebit", beta=0.5)
-    out = method.loss(student, teacher, {})
-    assert method.needs_hidden_states and set(out) == {"loss", "kl", "hidden_mse"}
+    loss = compose_recipe("onebit", ["loss.hidden_mse=0.5"]).loss
+    out = loss(student, teacher, {})
+    assert loss.needs_hidden_states and set(out) == {"loss", "forward_kl", "hidden_mse"}
     assert out["hidden_mse"] == pytest.approx(normalized_hidden_mse(hidden[0][1:], hidden[1][1:]).item())
-    assert out["loss"].item() == pytest.approx(out["kl"].item() + 0.5 * out["hidden_mse"].item())
-    off = build_method("onebit", beta=0)
-    assert not off.needs_hidden_states and set(off.loss(student, teacher, {})) == {"loss", "kl"}
+    assert out["loss"].item() == pytest.approx(out["forward_kl"].item() + 0.5 * out["hidden_mse"].item())
+    off = compose_recipe("onebit", ["loss.hidden_mse=0"]).loss
+    assert not off.needs_hidden_states and set(off(student, teacher, {})) == {"loss", "forward_kl"}
 
 
 def test_non_finite_loss_is_caught_by_the_guard(tiny_llama_model):
@@ -171,7 +172,7 @@ def test_non_finite_loss_is_caught_by_the_guard(tiny_llama_model):
     method, student = onebit_student(tiny_llama_model)
     with torch.no_grad():
         student.get_submodule("model.layers.0.mlp.up_proj").g.fill_(float("nan"))
-    module = QATModule(tiny_llama_model, student, method, optimizer=lambda p: torch.optim.AdamW(p))
+    module = QATModule(tiny_llama_model, student, method.loss, optimizer=lambda p: torch.optim.AdamW(p))
     batch = {"input_ids": torch.randint(0, 128, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
     loss = module.training_step(batch, 0)
     assert loss.dtype == torch.float32 and not torch.isfinite(loss)
@@ -181,23 +182,23 @@ def test_non_finite_loss_is_caught_by_the_guard(tiny_llama_model):
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("overrides", "message"),
     [
-        ({"surrogate": "sigmoid"}, r"method.surrogate='sigmoid' is not known"),
-        ({"beta": -1.0}, r"method.beta=-1.0 must be a number >= 0"),
-        ({"init": "kmeans"}, r"method.init='kmeans' is not known; use one of \['svid', 'svd'\]"),
-        ({"latent_scale": 0}, r"method.latent_scale=0 must be > 0"),
-        ({"weight": {"bits": 2}}, r"keep bits: 1"),
-        ({"activation": {"bits": 8}}, r"weight-only \(W1A16\)"),
-        ({"export_dtype": "int8"}, r"method.export_dtype='int8' is not known"),
-        ({"weight_overrides": {"q_proj": {"bits": 2}}}, r"pick layers with method.include"),
-        ({"norm_init": "data"}, r"method.norm_init=.data. is not known"),
-        ({"betta": 0.1}, r"method 'onebit' has no option\(s\) \['betta'\]"),
+        (["quantizer.surrogate=sigmoid"], r"quantizer.surrogate='sigmoid' is not known"),
+        (["loss.hidden_mse=-1.0"], r"loss.hidden_mse=-1.0 must be a number >= 0"),
+        (["init.method=kmeans"], r"init.method='kmeans' is not known; use one of \['svid', 'svd'\]"),
+        (["init.latent_scale=0"], r"init.latent_scale=0 must be > 0"),
+        (["method.weight.bits=2"], r"keep method.weight \{bits: 1, symmetric: true\}"),
+        (["method.activation={bits: 8}"], r"weight-only \(W1A16\)"),
+        (["+method.weight_overrides.q_proj={bits: 2}"], r"keep method.weight \{bits: 1"),
+        (["init.norm_init=data"], r"init.norm_init='data' is not known"),
+        (["+loss.betta=0.1"], r"loss \(qatlab.losses.ForwardKL\): .*betta"),
+        (["init.norm_init=calibrate"], r"set quantizer.norm_affine=true"),
     ],
 )
-def test_bad_options_are_one_clear_line(options, message):
+def test_bad_options_are_one_clear_line(tiny_llama_model, overrides, message):
     with pytest.raises(QatlabError, match=message):
-        build_method("onebit", **options)
+        onebit_student(tiny_llama_model, *overrides, calibration=[{"input_ids": torch.randint(0, 128, (1, 8))}])
 
 
 # ---- packing and export ----------------------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_bad_options_are_one_clear_line(options, message):
 
 def train_a_little(student, method, steps=3):
     """Move the latent weights far enough that many signs flip, so the export must follow training."""
-    optimizer = torch.optim.Adam(method.trainable_parameters(student), lr=0.05)
+    optimizer = torch.optim.Adam(parameter_groups(student, "all", None), lr=0.05)
     ids = torch.randint(0, 100, (2, 12))
     for _ in range(steps):
         optimizer.zero_grad()
@@ -216,7 +217,7 @@ def train_a_little(student, method, steps=3):
 @pytest.mark.parametrize("model", ["tiny_llama_model", "tiny_gpt2_model"])
 def test_export_round_trip_gives_the_students_logits(tmp_path, model, request):
     teacher = request.getfixturevalue(model)
-    method, student = onebit_student(teacher, export_dtype="float32", norm_affine=True)
+    method, student = onebit_student(teacher, "quantizer.norm_affine=true")
     before = [layer.signs().clone() for layer in student.modules() if isinstance(layer, OneBitLinear)]
     torch.manual_seed(1)
     train_a_little(student, method)
@@ -224,11 +225,11 @@ def test_export_round_trip_gives_the_students_logits(tmp_path, model, request):
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
     student.eval()
     ids = torch.randint(0, 100, (2, 16))
-    path = method.export(student, tmp_path / "export")
+    path = export_packed(student, tmp_path / "export", dtype="float32", method="onebit")
     loaded = load_packed(path)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, student(input_ids=ids).logits)
-        half = load_packed(build_method("onebit").export(student, tmp_path / "fp16"), dtype="float32")
+        half = load_packed(export_packed(student, tmp_path / "fp16", method="onebit"), dtype="float32")
         assert torch.allclose(half(input_ids=ids).logits, student(input_ids=ids).logits, atol=5e-2)
     manifest = json.loads((path / "qatlab.json").read_text())
     assert sorted(manifest["layers"]) == method.quantized_layers and manifest["method"] == "onebit"
@@ -241,7 +242,7 @@ def test_export_round_trip_gives_the_students_logits(tmp_path, model, request):
 
 def test_bits_per_weight_of_the_packed_tiny_llama(tmp_path, tiny_llama_model):
     method, student = onebit_student(tiny_llama_model)  # float16 export
-    report = storage_report(method.export(student, tmp_path))
+    report = storage_report(export_packed(student, tmp_path, method="onebit"))
     unique = {p.data_ptr(): p.numel() for p in tiny_llama_model.parameters()}
     assert report["params"] == sum(unique.values())
     layers = [m for m in student.modules() if isinstance(m, OneBitLinear)]
@@ -269,12 +270,12 @@ def test_tiny_onebit_run_end_to_end_with_export(tmp_path):
     for key in ("test/ppl_teacher", "test/ppl_rtn", "test/ppl_student"):
         assert math.isfinite(results[key]) and results[key] > 1, key
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
-    assert "train/kl" in metrics and "train/hidden_mse" in metrics
+    assert "train/forward_kl" in metrics and "train/hidden_mse" in metrics
     assert load_packed(results["export_dir"]) is not None
 
 
 def test_svid_only_run_skips_training(tmp_path):
-    cfg = make_cfg(tmp_path, "experiment=tiny_smoke", "method=onebit", "method.train=false",
+    cfg = make_cfg(tmp_path, "experiment=tiny_smoke", "method=onebit", "stages.train.enabled=false",
                    "eval.rtn_baseline=false")
     results = train(cfg)
     assert "train/steps" not in results and math.isfinite(results["test/ppl_student"])
@@ -302,11 +303,8 @@ def test_calibrated_norm_fits_the_teacher_layer_outputs_better(tiny_llama_model)
         with torch.no_grad():
             return sum(((layer(x) - out) ** 2).sum() for x, out in seen).item()
 
-    _, plain = onebit_student(teacher, norm_affine=True)
-    method = build_method("onebit", norm_affine=True, norm_init="calibrate")
-    calibrated = make_student(teacher, method, "float32")
-    method.init(calibrated, teacher, batches)
+    _, plain = onebit_student(teacher, "quantizer.norm_affine=true")
+    method, calibrated = onebit_student(teacher, "quantizer.norm_affine=true", "init.norm_init=calibrate",
+                                        calibration=batches)
     assert error(calibrated) < 0.5 * error(plain)  # least squares per feature; (1, 0) was a candidate
     assert method.describe()["norm_init"] == "calibrate"
-    with pytest.raises(QatlabError, match="set method.norm_affine=true"):
-        build_method("onebit", norm_init="calibrate")

@@ -3,7 +3,7 @@
 import pytest
 
 from qatlab.errors import QatlabError
-from qatlab.quant import QuantConfig
+from qatlab.quantizers import QuantConfig
 
 
 def test_defaults():
@@ -34,7 +34,7 @@ def test_bits_out_of_range(bits):
 
 
 def test_bits_message_uses_name_and_mentions_null():
-    with pytest.raises(QatlabError, match=r"act.bits=16 .*set the quantizer to null"):
+    with pytest.raises(QatlabError, match=r"act.bits=16 is out of range; use 1-8 .*set act to null"):
         QuantConfig(bits=16, name="act")
 
 
@@ -89,9 +89,15 @@ def test_from_dict():
     assert c.name == "act"
 
 
-@pytest.mark.parametrize("d", [None, {"bits": 16}, {"bits": 32, "granularity": "group"}])
-def test_from_dict_off(d):
-    assert QuantConfig.from_dict(d, "weight") is None
+def test_from_dict_null_is_off():
+    assert QuantConfig.from_dict(None, "weight") is None
+
+
+@pytest.mark.parametrize("bits", [0, 9, 16, 32, 99])
+def test_from_dict_any_bit_width_outside_1_to_8_is_an_error_not_full_precision(bits):
+    """Issue 19: bits=99 (or 16) used to mean 'unquantized' and ran with exit 0 while the results row said W99."""
+    with pytest.raises(QatlabError, match=rf"weight.bits={bits} is out of range; use 1-8 .*null"):
+        QuantConfig.from_dict({"bits": bits, "granularity": "group"}, "weight")
 
 
 def test_from_dict_unknown_key():

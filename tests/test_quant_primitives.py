@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from qatlab.quant import QuantConfig, dequantize, fake_quantize, quantize, round_ste
-from qatlab.quant.primitives import compute_qparams, group_view
+from qatlab.quantizers import QuantConfig, dequantize, fake_quantize, quantize, round_ste
+from qatlab.quantizers.primitives import compute_qparams, group_view
 
 
 def cfg(bits, symmetric=True, granularity="tensor", group_size=None):

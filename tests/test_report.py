@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from qatlab.errors import QatlabError
-from qatlab.quant import QuantConfig
+from qatlab.quantizers import QuantConfig
 from qatlab.report import plot_series, results_table, write_report
 from qatlab.results import append_row, failed_row, read_rows, run_row
 

@@ -27,7 +27,7 @@ CHECKPOINT_EVERY_STEP = [
 KEEP_EACH = ["callbacks.model_checkpoint.save_top_k=-1", "+callbacks.model_checkpoint.filename='{step}'"]
 # 4 blocks of batch 2: an epoch is 2 steps, so 6 steps cross two epoch boundaries.
 SHORT_EPOCHS = ["data.max_train_blocks=4"]
-BITDISTILLER = ["method=bitdistiller", "method.gamma_batches=4", "method.clip.grid=2", "init_batches=1"]
+BITDISTILLER = ["method=bitdistiller", "loss.gamma_batches=4", "init.grid=2", "init_batches=1"]
 
 
 def make_cfg(out, *overrides):
@@ -75,7 +75,7 @@ def test_resume_from_step_k_matches_the_uninterrupted_run(tmp_path, uninterrupte
     saved = safe_load(checkpoint)
     assert saved["global_step"] == step
     if setting == "bitdistiller":
-        assert saved["qatlab_method"]["gamma_steps"] == step  # gamma's running state is in the checkpoint
+        assert saved["qatlab_recipe"]["loss"]["gamma_steps"] == step  # gamma's running state is in the checkpoint
 
     resumed = train(make_cfg(tmp_path, *CHECKPOINT_EVERY_STEP, *KEEP_EACH, *overrides, f"resume='{checkpoint}'"))
     assert final_numbers(resumed) == final_numbers(reference)  # exact: same batches, same gamma, same RNG
@@ -124,10 +124,10 @@ def test_resume_auto_without_a_checkpoint_starts_from_step_0(tmp_path):
 
 
 def test_lkd_resumes_at_the_first_unfinished_block(tmp_path, monkeypatch):
-    import qatlab.lkd as lkd
+    import qatlab.stages.blockwise as lkd
 
-    overrides = ["experiment=tiny_smoke", "logger=none", "method=zeroquant", "method.lkd.samples=4",
-                 "method.lkd.steps=3", "method.lkd.batch_size=2", "eval.rtn_baseline=false"]
+    overrides = ["experiment=tiny_smoke", "logger=none", "method=zeroquant", "stages.lkd.samples=4",
+                 "stages.lkd.steps=3", "stages.lkd.batch_size=2", "eval.rtn_baseline=false"]
     reference = train(make_cfg(tmp_path / "reference", *overrides))
 
     trained = []

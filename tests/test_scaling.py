@@ -129,19 +129,19 @@ def worker(devices: int, out: str, output_dir: str) -> None:
     import hydra
     from torch.utils.data import DataLoader
 
-    from qatlab.losses import forward_kl
-    from qatlab.methods import build_method
-    from qatlab.module import QATModule
+    from qatlab.losses.divergences import forward_kl
+    from qatlab.recipes import compose_recipe
+    from qatlab.stages.qat_module import QATModule
     from qatlab.train import build_trainer, make_student
 
     cfg = make_cfg("trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", f"trainer.devices={devices}",
                    f"trainer.max_steps={STEPS}", "+trainer.enable_checkpointing=false",
                    "+trainer.enable_progress_bar=false", "logger=none", "callbacks=none", f"paths.output_dir={output_dir}")
     teacher = tiny_teacher()
-    method = build_method("kd", weight={"bits": 4, "group_size": 32})
+    method = compose_recipe("kd", ["method.weight.group_size=32"])
     student = make_student(teacher, method, "float32")
     start = {n: p.detach().clone() for n, p in student.named_parameters()}
-    module = QATModule(teacher, student, method, optimizer=hydra.utils.instantiate(cfg.optimizer, lr=1e-4))
+    module = QATModule(teacher, student, method.loss, optimizer=hydra.utils.instantiate(cfg.optimizer, lr=1e-4))
     blocks = torch.randint(0, 128, (STEPS * 4, BLOCK), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in blocks]
     batch = PER_RANK_BATCH * 2 // devices  # the same global batch of 4 blocks

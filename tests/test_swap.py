@@ -8,16 +8,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qatlab.errors import QatlabError
-from qatlab.quant import (
-    FakeQuantLinear,
-    QuantConfig,
-    find_linears,
-    quantize_model,
-    set_quant_enabled,
-    swap_linears,
-    unswap,
-)
-from qatlab.quant.swap import conv1d_to_linear
+from qatlab.quantizers import QuantConfig
+from qatlab.layers import FakeQuantLinear, find_linears, quantize_model, set_quant_enabled, swap_linears, unswap
+from qatlab.layers.swap import conv1d_to_linear
 
 W4 = QuantConfig(bits=4, granularity="group", group_size=32)
 LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

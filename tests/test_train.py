@@ -112,7 +112,7 @@ def test_a_failed_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path):
         ("method.weight.group_size=48", r"group_size=48 does not divide .*(64|128)"),
         ("method.weight.bits=9", r"bits=9 is out of range"),
         ("model.name_or_path=/no/such/model", r"'/no/such/model' does not exist"),
-        ("method.name=onebitt", r"unknown method 'onebitt'"),
+        ("method.name=bitdistiller", r"method.name='bitdistiller' but the composed recipe is method=kd"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, override, message):

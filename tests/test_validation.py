@@ -17,7 +17,7 @@ import qatlab.train
 from qatlab.__main__ import user_error
 from qatlab.callbacks.resume_state import ResumeState
 from qatlab.checkpointing import config_identity, write_run_file
-from qatlab.methods import build_method
+from qatlab.recipes import Recipe
 from qatlab.train import train
 from qatlab.validate import check_loaded
 
@@ -66,9 +66,14 @@ BEFORE_ANY_MODEL = [
     ("init_batches=-1", r"init_batches=-1 must be an integer >= 0"),
     ("eval.batch_size=0", r"eval.batch_size=0 must be a positive integer"),
     ("resume=/no/such/run", r"resume='/no/such/run' does not exist; give a run dir, a .ckpt file, or resume=auto"),
-    ("method.name=onebitt", r"unknown method 'onebitt'; choose one of: .*kd"),
+    ("method.name=onebitt", r"method.name='onebitt' is not a recipe; pick one with method=<name> .*kd"),
     ("method.weight.bits=9", r"weight.bits=9 is out of range; use 1-8"),
-    ("+method.foo=1", r"method 'kd' has no option\(s\) \['foo'\]; its options are"),
+    ("+method.foo=1", r"method: unknown key\(s\) \['foo'\]; a method holds"),
+    ("+quantizer.initt=lsq", r"quantizer \(qatlab.quantizers.minmax\) has no option\(s\) \['initt'\]"),
+    ("stages.train.train=everything", r"stages.train.train='everything' is not known; use one of"),
+    ("method=zeroquant stages.lkd.samples=0", r"stages.lkd.samples=0 must be a positive integer"),
+    ("method=bitdistiller loss.gamma_batches=0", r"loss.gamma_batches=0 must be an integer >= 1"),
+    ("method=onebit init.method=kmeans", r"init.method='kmeans' is not known"),
     ("method.weight.granularity=row", r"weight.granularity='row' is not supported; use one of tensor, channel"),
     ("+method.weight.grid=nf method.weight.bits=6", r"weight.bits=6 has no normal-float codebook; use bits 2-4"),
 ]
@@ -90,16 +95,6 @@ def test_empty_corpus_file(tmp_path, no_model_loads):
     empty.write_text("\n  \n\n")
     with fails_with(rf"data.source_kwargs.path='{empty}' has no text \(empty or blank\)"):
         train(make_cfg(tmp_path, "data=local", f"data.source_kwargs.path={empty}"))
-
-
-def test_bitdistiller_unknown_loss(tmp_path, no_model_loads):
-    with fails_with(r"method.loss='mse' is not known; choose one of \['cakld'"):
-        train(make_cfg(tmp_path, "method=bitdistiller", "method.loss=mse"))
-
-
-def test_lkd_zero_samples(tmp_path, no_model_loads):
-    with fails_with(r"method.lkd.samples=0 must be a positive integer"):
-        train(make_cfg(tmp_path, "method=zeroquant", "method.lkd.samples=0"))
 
 
 def test_resume_dir_of_another_config_names_the_differing_keys(tmp_path, no_model_loads):
@@ -145,14 +140,14 @@ def test_bad_input_found_once_the_model_loads(tmp_path, override, message):
 def test_kv_bits_on_a_model_without_attention_hooks(tmp_path):
     torch.manual_seed(0)
     bloom = BloomForCausalLM(BloomConfig(vocab_size=100, hidden_size=32, n_layer=1, n_head=2))
-    method = build_method("kd", weight={"bits": 4, "group_size": 32}, kv={"bits": 4})
+    method = Recipe("kd", weight={"bits": 4, "group_size": 32}, kv={"bits": 4})
     with fails_with(r"method.kv.bits=4 needs attention hooks .*BloomForCausalLM "
                                           r"\(model_type 'bloom'\).*set method.kv=null"):
         check_loaded(make_cfg(tmp_path), method, bloom, tokenizer=range(100))
 
 
 def test_tokenizer_that_does_not_fit_the_model(tmp_path, tiny_llama_model):
-    method = build_method("kd")
+    method = Recipe("kd")
     with fails_with(r"the tokenizer of 'other-tokenizer' has 49152 tokens but the model's "
                                           r"embedding has 128 rows.*set model.tokenizer"):
         check_loaded(make_cfg(tmp_path, "+model.tokenizer=other-tokenizer"), method, tiny_llama_model,

@@ -12,15 +12,22 @@ from omegaconf import OmegaConf
 import qatlab.train as train_module
 from qatlab.data.random_tokens import random_token_batches
 from qatlab.errors import QatlabError
-from qatlab.lkd import LKDConfig, lkd_batches, run_lkd
-from qatlab.methods import build_method
+from qatlab.recipes import Recipe, compose_recipe
+from qatlab.stages.blockwise import BlockwiseConfig, calibration_batches, run_blockwise
 from qatlab.models.layer_maps import decoder_blocks
-from qatlab.quant import FakeQuantLinear, fake_quantize
+from qatlab.quantizers import fake_quantize
+from qatlab.layers import FakeQuantLinear
 from qatlab.train import evaluate_rtn, make_student, train
 from tests.test_train import make_cfg
 
 W4_G32 = {"bits": 4, "symmetric": True, "granularity": "group", "group_size": 32}
 ATTN_W8 = {"self_attn": {"bits": 8}}
+A8 = {"bits": 8, "symmetric": True, "granularity": "token"}
+
+
+def zeroquant(*overrides):
+    """The zeroquant recipe from conf/ with group size 32 (the tiny model's width is 64)."""
+    return compose_recipe("zeroquant", ["method.weight.group_size=32", *overrides])
 
 
 # ---- hand-written reference quantizers ------------------------------------------------------------
@@ -56,7 +63,7 @@ def ref_group(w, bits, group, symmetric):
 
 
 def test_token_wise_int8_activation_quantizer_matches_reference():
-    method = build_method("zeroquant")
+    method = compose_recipe("zeroquant")
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 2, 64)
     assert torch.equal(fake_quantize(x, method.act_config), ref_token_int8(x))
     # A hand-checkable token: max|v| = 127 gives s = 1, so codes are just round(v) (halves to even).
@@ -66,13 +73,13 @@ def test_token_wise_int8_activation_quantizer_matches_reference():
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_group_wise_weight_quantizer_matches_reference(symmetric):
-    method = build_method("zeroquant", weight={**W4_G32, "symmetric": symmetric})
+    method = zeroquant(f"method.weight.symmetric={str(symmetric).lower()}")
     w = torch.randn(6, 96, generator=torch.Generator().manual_seed(1))
     assert torch.equal(fake_quantize(w, method.weight_config), ref_group(w, 4, 32, symmetric))
 
 
 def test_fake_quant_linear_computes_the_reference_w4a8():
-    method = build_method("zeroquant", weight=W4_G32)
+    method = zeroquant()
     g = torch.Generator().manual_seed(2)
     linear = torch.nn.Linear(64, 16)
     layer = FakeQuantLinear.from_linear(linear, method.weight_config, method.act_config)
@@ -91,7 +98,7 @@ def bits_by_layer(student):
 
 @pytest.mark.parametrize("name", ["zeroquant", "kd", "rtn"])
 def test_weight_overrides_give_attention_8_bits_and_the_mlp_4(tiny_llama_model, name):
-    method = build_method(name, weight=W4_G32, weight_overrides=ATTN_W8)
+    method = Recipe(name, weight=W4_G32, weight_overrides=ATTN_W8)
     student = make_student(tiny_llama_model, method, "float32")
     bits = bits_by_layer(student)
     assert len(bits) == 14  # 2 blocks x (q, k, v, o, gate, up, down)
@@ -100,12 +107,12 @@ def test_weight_overrides_give_attention_8_bits_and_the_mlp_4(tiny_llama_model, 
     q = student.get_submodule("model.layers.0.self_attn.q_proj").weight_cfg
     assert (q.group_size, q.symmetric) == (32, True)  # only the overridden key changes
     assert method.describe()["w_bits_label"] == "4/8"
-    assert "w_bits_label" not in build_method(name, weight=W4_G32).describe()  # unchanged without overrides
+    assert "w_bits_label" not in Recipe(name, weight=W4_G32).describe()  # unchanged without overrides
 
 
-def test_first_matching_pattern_wins_and_16_bits_means_full_precision(tiny_llama_model):
-    overrides = {r"layers\.0\.mlp": {"bits": 16}, "mlp": {"bits": 2, "symmetric": False}}
-    method = build_method("rtn", weight=W4_G32, weight_overrides=overrides)
+def test_first_matching_pattern_wins_and_null_means_full_precision(tiny_llama_model):
+    overrides = {r"layers\.0\.mlp": None, "mlp": {"bits": 2, "symmetric": False}}
+    method = Recipe("rtn", weight=W4_G32, weight_overrides=overrides)
     student = make_student(tiny_llama_model, method, "float32")
     bits = bits_by_layer(student)
     assert bits["model.layers.0.mlp.up_proj"] == 16 and bits["model.layers.1.mlp.up_proj"] == 2
@@ -117,14 +124,16 @@ def test_first_matching_pattern_wins_and_16_bits_means_full_precision(tiny_llama
     ("overrides", "message"),
     [
         ({"self_attn": {"bits": 9}}, r"weight_overrides\['self_attn'\].bits=9 is out of range"),
+        ({"self_attn": {"bits": 16}}, r"weight_overrides\['self_attn'\].bits=16 is out of range; use 1-8 .*null"),
+        ({"self_attn": {"bits": 99}}, r"weight_overrides\['self_attn'\].bits=99 is out of range"),
         ({"self_attn": {"bitz": 8}}, r"weight_overrides\['self_attn'\]: unknown key\(s\) \['bitz'\]"),
-        ({"self_attn": 8}, r"must be a regex string mapped to weight keys, e.g. \{self_attn: \{bits: 8\}\}"),
+        ({"self_attn": 8}, r"must be a regex string mapped to weight keys \(e.g. \{self_attn: \{bits: 8\}\}\), or to null"),
         ({"self_attn": {"group_size": 0}}, r"weight_overrides\['self_attn'\].group_size=0 must be a positive"),
     ],
 )
 def test_bad_overrides_fail_at_construction(overrides, message):
     with pytest.raises(QatlabError, match=message):
-        build_method("zeroquant", weight=W4_G32, weight_overrides=overrides)
+        Recipe("zeroquant", weight=W4_G32, weight_overrides=overrides)
 
 
 @pytest.mark.parametrize(
@@ -137,7 +146,7 @@ def test_bad_overrides_fail_at_construction(overrides, message):
     ],
 )
 def test_bad_overrides_fail_at_convert_and_leave_the_model_untouched(tiny_llama_model, overrides, message):
-    method = build_method("zeroquant", weight=W4_G32, weight_overrides=overrides)
+    method = Recipe("zeroquant", weight=W4_G32, weight_overrides=overrides)
     with pytest.raises(QatlabError, match=message):
         method.convert(tiny_llama_model)
     assert not any(isinstance(m, FakeQuantLinear) for m in tiny_llama_model.modules())
@@ -151,7 +160,7 @@ def test_rtn_baseline_carries_the_overrides(tiny_llama_model, monkeypatch):
         return 1.0
 
     monkeypatch.setattr(train_module, "evaluate", fake_evaluate)
-    method = build_method("zeroquant", weight=W4_G32, weight_overrides=ATTN_W8)
+    method = zeroquant()
     evaluate_rtn(tiny_llama_model, method, None, OmegaConf.create({"model": {"student_dtype": "float32"}}))
     assert sorted(set(seen["bits"].values())) == [4, 8]
     assert seen["bits"]["model.layers.1.self_attn.o_proj"] == 8
@@ -185,20 +194,21 @@ def one_block_at_a_time_adam(student, lr):
 
 
 def tiny_student(teacher):
-    method = build_method("zeroquant", weight=W4_G32, weight_overrides=ATTN_W8)
+    method = zeroquant()
     return method, make_student(teacher, method, "float32")
 
 
-@pytest.mark.parametrize("inputs", ["student", "teacher"])
-def test_lkd_lowers_every_blocks_mse_with_one_optimizer_alive_at_a_time(tiny_llama_model, inputs):
+@pytest.mark.parametrize("inputs", [("student", "student"), ("teacher", "teacher"), ("student", "teacher")],
+                         ids=lambda i: f"student_input={i[0]},target_input={i[1]}")
+def test_blockwise_lowers_every_blocks_mse_with_one_optimizer_alive_at_a_time(tiny_llama_model, inputs):
     method, student = tiny_student(tiny_llama_model)
-    config = LKDConfig(steps=25, lr=3e-5, inputs=inputs, accelerator="cpu")
+    config = BlockwiseConfig(steps=25, lr=3e-5, student_input=inputs[0], target_input=inputs[1], accelerator="cpu")
     factory, record = one_block_at_a_time_adam(student, config.lr)
     batches = random_token_batches(128, samples=6, seq_len=32, batch_size=2, seed=0)
-    result = run_lkd(student, tiny_llama_model, batches, config, method.trainable_parameters, factory)
+    result = run_blockwise(student, tiny_llama_model, batches, config, optimizer=factory)
 
-    blocks = result["lkd/per_block"]
-    assert [b["block"] for b in blocks] == [0, 1] and result["lkd/steps"] == 50
+    blocks = result["per_block"]
+    assert [b["block"] for b in blocks] == [0, 1] and result["steps"] == 50
     for b in blocks:
         assert b["mse_after"] < 0.8 * b["mse_before"], b
     assert len(record) == 50
@@ -208,27 +218,30 @@ def test_lkd_lowers_every_blocks_mse_with_one_optimizer_alive_at_a_time(tiny_lla
     assert not any(p.requires_grad for b in decoder_blocks(student) for p in b.parameters())  # frozen
 
 
-def test_lkd_trains_only_the_chosen_parameters(tiny_llama_model):
-    method = build_method("zeroquant", weight=W4_G32, trainable="quantized")
-    student = make_student(tiny_llama_model, method, "float32")
+def test_blockwise_trains_only_the_chosen_parameters(tiny_llama_model):
+    method, student = tiny_student(tiny_llama_model)
     norms = {n: p.detach().clone() for n, p in student.named_parameters() if "norm" in n}
     weights = {n: p.detach().clone() for n, p in student.named_parameters() if "proj" in n}
-    run_lkd(student, tiny_llama_model, random_token_batches(128, 2, 16, 2), LKDConfig(steps=3, lr=1e-3),
-            method.trainable_parameters)
+    run_blockwise(student, tiny_llama_model, random_token_batches(128, 2, 16, 2),
+                  BlockwiseConfig(steps=3, lr=1e-3, train="weights"))
     assert all(torch.equal(p, norms[n]) for n, p in student.named_parameters() if n in norms)
     assert any(not torch.equal(p, weights[n]) for n, p in student.named_parameters() if n in weights)
 
 
-def test_lkd_options_are_checked():
-    with pytest.raises(QatlabError, match=r"method.lkd.data='wiki' is not known; use one of \['corpus', 'random'\]"):
-        build_method("zeroquant", lkd={"data": "wiki"})
-    with pytest.raises(QatlabError, match=r"method.lkd: unknown key\(s\) \['step'\]"):
-        build_method("zeroquant", lkd={"step": 10})
-    with pytest.raises(QatlabError, match=r"method.lkd.steps=0 must be a positive integer"):
-        build_method("zeroquant", lkd={"steps": 0})
-    with pytest.raises(QatlabError, match=r"method.lkd.precision='bf16-true' is not supported"):
-        build_method("zeroquant", lkd={"precision": "bf16-true"})
-    assert build_method("zeroquant", lkd={"enabled": False}).trains is False
+def test_blockwise_options_are_checked():
+    with pytest.raises(QatlabError, match=r"stages.lkd.data='wiki' is not known; use one of \['corpus', 'random'\]"):
+        zeroquant("stages.lkd.data=wiki")
+    with pytest.raises(QatlabError, match=r"stages.lkd: unknown key\(s\) \['step'\]"):
+        zeroquant("+stages.lkd.step=10")
+    with pytest.raises(QatlabError, match=r"stages.lkd.steps=0 must be a positive integer"):
+        zeroquant("stages.lkd.steps=0")
+    with pytest.raises(QatlabError, match=r"stages.lkd.precision='bf16-true' is not supported"):
+        zeroquant("stages.lkd.precision=bf16-true")
+    with pytest.raises(QatlabError, match=r"student_input=teacher with target_input=student"):
+        zeroquant("stages.lkd.student_input=teacher")
+    with pytest.raises(QatlabError, match=r"stages.lkd.lr=inf must be a finite number > 0"):
+        zeroquant("stages.lkd.lr=inf")
+    assert zeroquant("stages.lkd.enabled=false").trains is False
 
 
 # ---- calibration data ------------------------------------------------------------------------------
@@ -249,19 +262,24 @@ def test_corpus_calibration_takes_the_first_training_sequences_and_rebatches():
     loader = [{"input_ids": torch.arange(i * 30, i * 30 + 30).reshape(3, 10),
                "attention_mask": torch.ones(3, 10, dtype=torch.long)} for i in range(4)]
     datamodule = SimpleNamespace(train_dataloader=lambda: iter(loader))
-    batches = lkd_batches(LKDConfig(samples=5, batch_size=2), datamodule, vocab_size=1000)
+    batches = calibration_batches(BlockwiseConfig(samples=5, batch_size=2), datamodule, vocab_size=1000)
     assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
     assert torch.equal(torch.cat([b["input_ids"] for b in batches]), torch.arange(50).reshape(5, 10))
-    with pytest.raises(QatlabError, match=r"method.lkd.samples=20 but the training data holds only 12"):
-        lkd_batches(LKDConfig(samples=20), datamodule, vocab_size=1000)
+    with pytest.raises(QatlabError, match=r"stages.lkd.samples=20 but the training data holds only 12"):
+        calibration_batches(BlockwiseConfig(samples=20), datamodule, vocab_size=1000, key="stages.lkd")
 
 
-def test_random_token_lkd_through_the_method(tiny_llama_model):
-    method = build_method("zeroquant", weight=W4_G32, weight_overrides=ATTN_W8,
-                          lkd={"data": "random", "samples": 4, "seq_len": 24, "steps": 10, "lr": 3e-5})
+def test_random_token_lkd_through_the_stage(tiny_llama_model, tmp_path):
+    from qatlab.stages import StageContext
+
+    method = zeroquant("stages.lkd.data=random", "stages.lkd.samples=4", "stages.lkd.seq_len=24",
+                       "stages.lkd.steps=10", "stages.lkd.lr=3e-5")
     student = make_student(tiny_llama_model, method, "float32")
-    result = method.fit_blockwise(student, tiny_llama_model, datamodule=None)  # random data needs no corpus
+    ctx = StageContext(cfg=None, recipe=method, student=student, teacher=tiny_llama_model, tokenizer=None,
+                       datamodule=None, trainer=None, output_dir=tmp_path)  # random data needs no corpus
+    result = method.stages[0].run(ctx)
     assert result["lkd/mse_after"] < result["lkd/mse_before"]
+    assert (tmp_path / "lkd" / "progress.json").is_file()
 
 
 # ---- end to end ------------------------------------------------------------------------------------
@@ -270,8 +288,8 @@ def test_random_token_lkd_through_the_method(tiny_llama_model):
 def test_tiny_zeroquant_run_end_to_end(tmp_path):
     cfg = make_cfg(tmp_path, "experiment=zeroquant_smollm2", "model=tiny_llama", "logger=csv", "callbacks=none",
                    "data.block_size=64", "data.eval_block_size=128", "data.max_train_blocks=64",
-                   "data.max_eval_blocks=2", "data.max_test_blocks=4", "method.lkd.samples=4",
-                   "method.lkd.steps=3")
+                   "data.max_eval_blocks=2", "data.max_test_blocks=4", "stages.lkd.samples=4",
+                   "stages.lkd.steps=3")
     results = train(cfg)
     assert results["method"] == "zeroquant" and results["w_bits_label"] == "4/8" and results["a_bits"] == 8
     assert results["lkd/steps"] == 6 and len(results["lkd/per_block"]) == 2

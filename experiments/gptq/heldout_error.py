@@ -21,10 +21,10 @@ from qatlab.data.corpora import load_gensim_wiki
 from qatlab.data.packing import pack_documents
 from qatlab.models import load_causal_lm
 from qatlab.models.layer_maps import decoder_blocks
-from qatlab.quant import gptq as G
-from qatlab.quant.clip_search import GramHook, capture_block_inputs, run_block
-from qatlab.quant.config import QuantConfig
-from qatlab.quant.primitives import fake_quantize
+from qatlab.quantizers import gptq as G
+from qatlab.inits.clip_search import GramHook, capture_block_inputs, run_block
+from qatlab.quantizers.spec import QuantConfig
+from qatlab.quantizers.primitives import fake_quantize
 
 
 def hessians(model, block_index: int, sequences, linears) -> dict[str, torch.Tensor]:
@@ -157,13 +157,13 @@ def all_grams(model, sequences, first_token: bool = False) -> dict[str, torch.Te
 
 def model_level(model, calib, held, args) -> None:
     """GPTQ the whole student as `python -m qatlab method=gptq` does; score each layer on teacher-input Grams."""
-    from qatlab.methods import build_method
+    from qatlab.recipes import compose_recipe
     from qatlab.train import make_student
 
-    method = build_method("gptq", weight={"bits": args.bits, "symmetric": False, "granularity": "group",
-                                          "group_size": args.group})
+    method = compose_recipe("gptq", [f"method.weight.bits={args.bits}", "method.weight.symmetric=false",
+                                     f"method.weight.group_size={args.group}"])
     student = make_student(model, method, "float32")
-    method.init(student, model, [{"input_ids": ids, "attention_mask": m} for ids, m in calib])
+    method.initialize(student, model, [{"input_ids": ids, "attention_mask": m} for ids, m in calib])
     grams = {"cal": all_grams(model, calib), "held": all_grams(model, held)}
     worst = []
     for name, H in grams["held"].items():

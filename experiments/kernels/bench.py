@@ -36,11 +36,14 @@ from torch import nn
 from qatlab import kernels
 from qatlab.export import load_packed
 from qatlab.export.bitpack import pack_codes
-from qatlab.export.int_export import pack_int_layer
+from qatlab.export import export_packed
+from qatlab.export.int_export import pack_codes_layer
+from qatlab.export.manifest import grid_from_dict
 from qatlab.export.packed_linear import PackedLinear
 from qatlab.export.packed_onebit import PackedOneBitLinear
-from qatlab.methods import build_method
-from qatlab.quant import FakeQuantLinear, QuantConfig
+from qatlab.recipes import Recipe
+from qatlab.quantizers import QuantConfig
+from qatlab.layers import FakeQuantLinear
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (out, in)
 BATCHES = [1, 4, 16]
@@ -82,13 +85,20 @@ def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def linear_of(w: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(w)
+    return linear
+
+
 def gemv_cases(out_f: int, in_f: int, device: torch.device) -> dict[str, tuple[Callable, tuple]]:
     """name -> (fn(x), the weight-side tensors it reads) for one weight shape."""
     w = torch.randn(out_f, in_f, device=device) * 0.02  # (out, in) fp32
     w_bf16 = w.to(torch.bfloat16)
     cfg = QuantConfig(**W2)
-    t, _ = pack_int_layer(FakeQuantLinear(nn.Parameter(w), None, cfg))
-    w2 = PackedLinear(t["qweight"], t["scales"].half(), t["zeros"], None, in_f, cfg)
+    t, entry = pack_codes_layer(FakeQuantLinear.from_linear(linear_of(w), cfg))
+    w2 = PackedLinear(t["qweight"], t["scales"].half(), t["zeros"], None, in_f, grid_from_dict(entry["grid"], "w2"),
+                      entry["group_size"])
     g = torch.rand(in_f, device=device, dtype=torch.bfloat16) + 0.5
     h = torch.rand(out_f, device=device, dtype=torch.bfloat16) + 0.5
     w1 = PackedOneBitLinear(pack_codes((w >= 0).to(torch.uint8), 1), g, h, None, False, 1e-5)
@@ -158,11 +168,14 @@ def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
 def packed_variants(teacher: nn.Module, device: torch.device, tmp: Path) -> dict[str, tuple[nn.Module, nn.Module]]:
     """name -> (packed bf16 model on device, its fp32 fake-quant student on device)."""
     variants = {}
-    for name, method in (("w2", build_method("rtn", weight=W2)), ("w1", build_method("onebit"))):
+    from qatlab.quantizers.onebit import OneBitLayers
+
+    w1 = Recipe("onebit", weight={"bits": 1, "symmetric": True, "granularity": "channel"}, quantizer=OneBitLayers())
+    for name, method in (("w2", Recipe("rtn", weight=W2)), ("w1", w1)):
         student = copy.deepcopy(teacher).float().to(device)
         method.convert(student)
-        method.init(student, teacher.to(device), [])
-        path = method.export(student.eval(), tmp / name, dtype="float16")
+        method.initialize(student, teacher.to(device), [])
+        path = export_packed(student.eval(), tmp / name, dtype="float16", method=method.name)
         variants[name] = (load_packed(path, dtype="bfloat16", device=device), student)
     return variants
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from qatlab.export import load_packed, storage_report
-from qatlab.methods import build_method
+from qatlab.export import export_packed
+from qatlab.recipes import compose_recipe
 from qatlab.models import load_causal_lm
 from qatlab.train import make_student
 
@@ -32,10 +33,10 @@ def main() -> None:
         if len(sys.argv) > 1:
             export = Path(sys.argv[1])
         else:
-            method = build_method("onebit")
+            method = compose_recipe("onebit")
             student = make_student(teacher, method, "float32")
-            method.init(student, teacher, [])
-            export = method.export(student, tmp / "onebit")
+            method.initialize(student, teacher, [])
+            export = export_packed(student, tmp / "onebit", method="onebit")
         teacher.to(torch.bfloat16).save_pretrained(tmp / "bf16")
         bf16_file = folder_bytes(tmp / "bf16", "*.safetensors")
         report = storage_report(export)

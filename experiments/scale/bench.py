@@ -30,9 +30,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qatlab.estimate import ModelShape, Setup, estimate_peak
-from qatlab.losses import forward_kl
-from qatlab.methods import build_method
-from qatlab.module import freeze
+from qatlab.losses.divergences import forward_kl
+from qatlab.recipes import Recipe
+from qatlab.stages.params import parameter_groups
+from qatlab.stages.qat_module import freeze
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings
     "tiny": (64, 128, 2, 4, 2, 512, True),
@@ -166,13 +167,13 @@ def main(argv: list[str] | None = None) -> dict:
         row = run(teacher, student, loss_fn, optimizer, ids, a.steps, device)
         return {**row, "mfu": round(flops / row["step_s"] / (a.peak_tflops * 1e12), 5)}
 
-    method = build_method("kd", weight={"bits": a.bits, "group_size": a.group, "symmetric": False})
+    method = Recipe("kd", weight={"bits": a.bits, "group_size": a.group, "symmetric": False})
     student = copy.deepcopy(teacher).to(DTYPES[a.student_dtype]).requires_grad_(True).train()
     method.convert(student)
     if a.checkpointing:
         student.config.use_cache = False
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = make_optimizer(a.optimizer, method.trainable_parameters(student))
+    optimizer = make_optimizer(a.optimizer, parameter_groups(student, "all", None))
     result["qatlab"] = timed(student, forward_kl, optimizer)
     del student, optimizer
     if not a.skip_reference:

@@ -6,7 +6,7 @@
 Each mode runs in its own process (peak RSS is per process and never goes down):
     load  teacher + W4/8A8 student built, one no-grad student forward: the floor both share
     kd    whole-model KD: QATModule + Lightning Trainer, AdamW, `--kd-steps` steps
-    lkd   ZeroQuant's LKD over every block (qatlab.lkd.run_lkd), Adam, `--lkd-steps` steps per block
+    lkd   ZeroQuant's LKD over every block (qatlab.stages.blockwise.run_lkd), Adam, `--lkd-steps` steps per block
 Reported per mode: peak RSS (resource.getrusage ru_maxrss), the largest gradients + optimizer
 state seen after any optimizer step (exact, summed over tensors), and on CUDA
 torch.cuda.max_memory_allocated. Both trainers see micro-batches of `--batch-size` x `--seq-len`
@@ -48,15 +48,16 @@ class MeasuredAdamW(torch.optim.AdamW):
 
 
 def build(args):
-    from qatlab.methods import build_method
+    from qatlab.recipes import Recipe
+    from qatlab.losses import ForwardKL
+    from qatlab.stages.blockwise import BlockwiseConfig
     from qatlab.models import load_causal_lm
     from qatlab.train import make_student
 
     teacher, _ = load_causal_lm(args.model, dtype="float32")
-    lkd = {"samples": args.samples, "batch_size": args.batch_size, "steps": args.lkd_steps, "seq_len": args.seq_len,
-           "data": "random", "lr": 1e-5}
-    method = build_method("zeroquant" if args.mode == "lkd" else "kd", **W4_8_A8,
-                          **({"lkd": lkd} if args.mode == "lkd" else {}))
+    method = Recipe("zeroquant" if args.mode == "lkd" else "kd", **W4_8_A8, loss=ForwardKL())
+    method.blockwise = BlockwiseConfig(samples=args.samples, batch_size=args.batch_size, steps=args.lkd_steps,
+                                       seq_len=args.seq_len, data="random", lr=1e-5)
     student = make_student(teacher, method, "float32")
     return teacher, student, method
 
@@ -77,10 +78,9 @@ def measure(args) -> dict:
     elif args.mode == "kd":
         run_kd(teacher, student, method, batches, args.kd_steps)
     else:
-        from qatlab.lkd import run_lkd
+        from qatlab.stages.blockwise import run_blockwise
 
-        run_lkd(student, teacher, batches, method.lkd, method.trainable_parameters,
-                optimizer=partial(MeasuredAdamW, lr=1e-5))
+        run_blockwise(student, teacher, batches, method.blockwise, optimizer=partial(MeasuredAdamW, lr=1e-5))
     return {
         "mode": args.mode,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
@@ -93,9 +93,9 @@ def run_kd(teacher, student, method, batches, steps: int) -> None:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from qatlab.module import QATModule
+    from qatlab.stages.qat_module import QATModule
 
-    module = QATModule(teacher, student, method, optimizer=partial(MeasuredAdamW, lr=1e-5))
+    module = QATModule(teacher, student, method.loss, optimizer=partial(MeasuredAdamW, lr=1e-5))
     trainer = L.Trainer(max_steps=steps, devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))

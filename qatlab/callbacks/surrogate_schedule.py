@@ -14,7 +14,7 @@ from __future__ import annotations
 import lightning as L
 
 from qatlab.errors import require
-from qatlab.quant.onebit_linear import OneBitLinear
+from qatlab.layers.onebit_linear import OneBitLinear
 
 
 def sharpness_at(step: int, total: int, start: float, end: float) -> float:

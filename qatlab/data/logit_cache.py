@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from qatlab.atomic import atomic_path, atomic_write_text
 from qatlab.data.generation import model_identity, tensor_digest
 from qatlab.errors import require
-from qatlab.losses_topk import CachedTeacherOutput, TopKLogits, topk_from_logits
+from qatlab.losses.topk import CachedTeacherOutput, TopKLogits, topk_from_logits
 
 log = logging.getLogger("qatlab")
 

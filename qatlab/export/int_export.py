@@ -1,12 +1,12 @@
-"""Pack one FakeQuantLinear's weight into integer codes and qparams, exactly as its forward quantizes it.
+"""Pack one FakeQuantLinear's weight: the codes and qparams its quantizer says it ships (layer.encode()).
 
-The codes, scales and zero points come from qatlab.quant.primitives.quantize, the function the
-fake-quant forward runs, so the packed layer dequantizes to the very values the student computed with.
+Nothing here computes a scale: a learned quantizer's steps, a clipped MinMax grid, SEQ's alphas all
+reach the file exactly as the student used them.
 
-Stored tensors for layer L (weight (out, in), G groups per row: in / group_size, or 1 for channel):
+Stored tensors for layer L (weight (out, in), G groups per row):
   L.qweight  (out, ceil(in / (32 // bits))) int32   unsigned codes u = code - qmin (bitpack layout)
-  L.scales   (out, G) float; NF grids (out, G, 2)   per-group scale(s); (1, 1[, 2]) for granularity=tensor
-  L.zeros    (out, G) uint8                         asymmetric int grids only
+  L.scales   (rows, G) float; codebook grids (rows, G, 2)   rows = out, or 1 for one scale per tensor
+  L.zeros    (rows, G) uint8 when integral (int grids), else float   only grids with per-group zero points
 """
 
 from __future__ import annotations
@@ -17,35 +17,24 @@ import torch
 from torch import Tensor
 
 from qatlab.export.bitpack import pack_codes
-from qatlab.export.manifest import config_to_dict
-from qatlab.quant.config import QuantConfig
-from qatlab.quant.fake_linear import FakeQuantLinear
-from qatlab.quant.primitives import quantize
-
-
-def groups_shape(cfg: QuantConfig, out_features: int) -> tuple[int, int]:
-    """(rows, groups per row) of the stored qparams."""
-    return (1, 1) if cfg.granularity == "tensor" else (out_features, -1)
+from qatlab.export.manifest import config_to_dict, grid_to_dict
+from qatlab.layers.fake_linear import FakeQuantLinear
 
 
 @torch.no_grad()
-def pack_int_layer(layer: FakeQuantLinear) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors keyed by suffix, manifest entry) for one layer with an int or NF weight grid."""
-    cfg = layer.weight_cfg
-    out_features, in_features = layer.out_features, layer.in_features
-    codes, scale, zero = quantize(layer.weight, cfg)  # (rows, g) int8/uint8, (rows, 1 or 2), (rows, 1) | None
-    unsigned = codes.to(torch.int16).reshape(out_features, in_features) - cfg.qmin
-    shape = groups_shape(cfg, out_features)
-    tensors = {
-        "qweight": pack_codes(unsigned, cfg.bits),
-        "scales": scale.reshape(*shape, 2) if cfg.nf else scale.reshape(shape),
-    }
-    if zero is not None:
-        tensors["zeros"] = zero.reshape(shape).to(torch.uint8)  # integer-valued, 0..qmax <= 255
+def pack_codes_layer(layer: FakeQuantLinear) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors keyed by suffix, manifest entry) for one layer with a weight quantizer."""
+    qw = layer.encode()
+    tensors = {"qweight": pack_codes(qw.unsigned_codes(), qw.grid.bits), "scales": qw.scale}
+    if qw.zero is not None:
+        integral = bool((qw.zero == qw.zero.round()).all()) and 0 <= float(qw.zero.min()) and float(qw.zero.max()) <= 255
+        tensors["zeros"] = qw.zero.to(torch.uint8) if integral else qw.zero.float()
     entry = {
-        "kind": "int",
-        "shape": [out_features, in_features],
-        "weight": config_to_dict(cfg),
+        "kind": "codes",
+        "shape": [layer.out_features, layer.in_features],
+        "group_size": qw.group_size,
+        "grid": grid_to_dict(qw.grid),
+        "quantizer": layer.weight_quantizer.describe(),
         "act": config_to_dict(layer.act_cfg),
     }
     return tensors, entry

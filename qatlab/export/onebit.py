@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qatlab.export.bitpack import pack_codes, packed_width
-from qatlab.quant.onebit_linear import OneBitLinear
+from qatlab.export.bitpack import pack_codes
+from qatlab.layers.onebit_linear import OneBitLinear
 
 
 @torch.no_grad()
@@ -28,9 +28,3 @@ def pack_onebit_layer(layer: OneBitLinear) -> tuple[dict[str, Tensor], dict[str,
         "norm_eps": layer.norm.eps,
     }
     return {"qweight": pack_codes(bits, 1)}, entry
-
-
-def layer_storage_bits(out_features: int, in_features: int, norm_affine: bool, float_bits: int = 16) -> int:
-    """Bits one OneBit layer stores without its bias: packed signs (rows padded to whole words), g, h, norm."""
-    vectors = in_features + out_features + (2 * out_features if norm_affine else 0)
-    return out_features * 32 * packed_width(in_features, 1) + float_bits * vectors

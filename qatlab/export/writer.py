@@ -1,8 +1,10 @@
 """export_packed: write a student as a packed checkpoint (layout: qatlab.export.manifest).
 
-Every FakeQuantLinear with a weight quantizer becomes codes + qparams (int_export), every
-OneBitLinear packed signs (onebit), a FakeQuantLinear without one keeps its dense weight; the
-latent weights of packed layers are not written. All other tensors are stored as they are.
+Every FakeQuantLinear with a weight quantizer becomes the codes + qparams its quantizer encodes
+(int_export), every OneBitLinear packed signs (onebit), a FakeQuantLinear without one keeps its
+dense weight; the latent weights of packed layers are not written. All other tensors are stored as
+they are. A sha256 of every tensor and a copy of the layer entries go into the weights file's header,
+so the loader can tell a changed manifest or a damaged file from a good one.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from qatlab.atomic import atomic_path
 from qatlab.errors import require
-from qatlab.export.int_export import pack_int_layer
-from qatlab.export.manifest import WEIGHTS, check_dtype, config_to_dict, write_manifest
+from qatlab.export.int_export import pack_codes_layer
+from qatlab.export.manifest import (WEIGHTS, check_dtype, config_to_dict, header_copy, manifest_fields,
+                                    tensor_digest, write_hf_config, write_manifest)
 from qatlab.export.onebit import pack_onebit_layer
-from qatlab.quant.config import QuantConfig
-from qatlab.quant.fake_linear import FakeQuantLinear
-from qatlab.quant.onebit_linear import OneBitLinear
+from qatlab.layers.fake_linear import FakeQuantLinear
+from qatlab.layers.onebit_linear import OneBitLinear
+from qatlab.quantizers.spec import QuantConfig
 
 
 def pack_layer(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
@@ -29,11 +33,11 @@ def pack_layer(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]] | 
         return pack_onebit_layer(module)
     if not isinstance(module, FakeQuantLinear):
         return None
-    if module.weight_cfg is None:  # weight left in full precision (an override set it off)
+    if module.weight_quantizer is None:  # weight left in full precision (an override set it to null)
         entry = {"kind": "dense", "shape": [module.out_features, module.in_features],
                  "act": config_to_dict(module.act_cfg)}
         return {}, entry
-    return pack_int_layer(module)
+    return pack_codes_layer(module)
 
 
 @torch.no_grad()
@@ -54,16 +58,24 @@ def export_packed(student: nn.Module, path: str | Path, dtype: str = "float16", 
         if packed is None:
             continue
         tensors, entry = packed
+        prefix = f"{name}."
+        for key in [k for k in state if k.startswith(prefix) and k[len(prefix):].split(".")[0] in
+                    ("weight_quantizer", "input_quantizer")]:
+            del state[key]  # the quantizer's own parameters ship as the qparams in `tensors`
         if entry["kind"] != "dense":
             del state[f"{name}.weight"]  # the latent weight: only its codes ship
         state.update({f"{name}.{suffix}": t for suffix, t in tensors.items()})
         layers[name] = entry
     require(bool(layers), f"{type(student).__name__} has no quantized layers to pack; export a converted student")
-    save_file({k: _stored(v, float_dtype) for k, v in state.items()}, str(path / WEIGHTS))
-    student.config.save_pretrained(path)
+    stored = {k: _stored(v, float_dtype) for k, v in state.items()}
     facts = facts or {}
-    write_manifest(path, method=method, bits=facts.get("w_bits"), group_size=facts.get("group_size"),
-                   dtype=dtype, layers=layers, kv=config_to_dict(kv), tied=tied, facts=facts)
+    manifest = manifest_fields(method=method, bits=facts.get("w_bits"), group_size=facts.get("group_size"),
+                               dtype=dtype, layers=layers, kv=config_to_dict(kv), tied=tied, facts=facts,
+                               tensors={k: tensor_digest(t) for k, t in stored.items()})
+    with atomic_path(path / WEIGHTS) as tmp:
+        save_file(stored, str(tmp), metadata={"qatlab_layers": header_copy(manifest)})
+    write_hf_config(student.config, path)
+    write_manifest(path, manifest)
     return path
 
 

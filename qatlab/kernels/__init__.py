@@ -15,7 +15,7 @@ import os
 import torch
 from torch import Tensor
 
-from qatlab.quant.config import QuantConfig
+from qatlab.quantizers.codes import Grid
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 MAX_TOKENS = 16  # the kernels hold a (16, BLOCK_N) accumulator: one tensor-core tile of tokens
@@ -33,6 +33,6 @@ def use_kernel(x: Tensor, in_features: int) -> bool:
     return x.is_cuda and x.dtype in HALF_DTYPES and 0 < tokens <= MAX_TOKENS and HAVE_TRITON and enabled()
 
 
-def int_grid_supported(cfg: QuantConfig) -> bool:
-    """Evenly spaced int codes, 2/4/8 bits, one scale per group or per output channel."""
-    return cfg.grid == "int" and not cfg.binary and cfg.bits in KERNEL_BITS and cfg.granularity in ("group", "channel")
+def int_grid_supported(grid: Grid, scale_rows: int, out_features: int) -> bool:
+    """Affine codes of 2/4/8 bits with one scale per group or per output channel (not one per tensor)."""
+    return grid.kind == "affine" and grid.bits in KERNEL_BITS and scale_rows == out_features

@@ -3,7 +3,8 @@
 y (B, N) = x (B, K) @ W^T (+ bias), with W[n, k] = (u[n, k] - z) * s[n, k // G]:
   u  the unsigned codes of qatlab.export.bitpack (32 / bits per int32 word, least significant first)
   s  the stored scale of the group (G = group_size, or K for per-channel scales)
-  z  the stored zero point (asymmetric) or -qmin (symmetric: u = code - qmin, so u - z = code)
+  z  the stored zero point (asymmetric grids: qmin = 0, so u - z = code - zero), or the constant
+     fixed_zero - qmin (symmetric: -qmin, so u - z = code; SEQ 2-bit: -0.5 + 2 = 1.5; qatlab.quantizers.codes)
 In registers, per K tile: load the packed words (BLOCK_N, BLOCK_K / per_word), unpack with shifts
 and a mask, dequantize in fp32 in primitives.dequantize's order ((code - zero) * scale), cast to the
 activation dtype and accumulate x @ W^T in fp32 with tl.dot (tokens padded to 16 rows).
@@ -17,7 +18,6 @@ import triton.language as tl
 from torch import Tensor
 
 from qatlab.kernels import launch
-from qatlab.quant.config import QuantConfig
 
 
 @triton.jit
@@ -61,21 +61,21 @@ def int_gemv_kernel(
 tuned_int_gemv_kernel = launch.autotuned(int_gemv_kernel)
 
 
-def int_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, cfg: QuantConfig,
-             bias: Tensor | None = None, tile: dict[str, int] | None = None) -> Tensor:
+def int_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int,
+             zero_offset: float, bias: Tensor | None = None, tile: dict[str, int] | None = None) -> Tensor:
     """x (..., K) with 1-16 tokens, qweight (N, words) int32, scales/zeros (N, G) -> (..., N) in x's dtype.
 
-    cfg: the layer's weight QuantConfig (bits, symmetric, granularity, group_size; int grid only).
+    bits: code width; group_size: columns per scale (K for per-channel); zero_offset: the constant the
+    unsigned codes are offset by when there is no zeros tensor (grid.fixed_zero - grid.qmin).
     tile: a fixed {BLOCK_N, BLOCK_K, SPLIT_K} instead of autotuning (always used off CUDA).
     """
     x2 = launch.as_tokens(x)
     n, k = qweight.shape[0], x2.shape[1]
     out = launch.zeroed_output(x2, n)
     z = zeros if zeros is not None else scales  # a valid pointer the kernel never reads
-    group = cfg.group_size if cfg.granularity == "group" else k
-    args = (x2, qweight, scales, z, out, x2.shape[0], n, k, group,
+    args = (x2, qweight, scales, z, out, x2.shape[0], n, k, group_size,
             x2.stride(0), qweight.stride(0), scales.stride(0), z.stride(0), out.stride(0))
-    consts = {"BITS": cfg.bits, "HAS_ZEROS": zeros is not None, "ZERO": -cfg.qmin}
+    consts = {"BITS": bits, "HAS_ZEROS": zeros is not None, "ZERO": zero_offset}
     launch.run(int_gemv_kernel, tuned_int_gemv_kernel, out, args, consts, tile)
     y = out.to(x.dtype)
     if bias is not None:
