@@ -151,13 +151,13 @@ def test_setup_installs_the_wheels_once_and_keeps_the_pieces_and_exec_parts_time
 
 
 def test_the_whole_kit_dry_run_on_the_cpu(tmp_path):
-    """pack --dry-run, call 1, call 2 (two experiments), call 3 (their race), the relay, record: every part ok."""
+    """pack --dry-run, call 1, call 2 (two experiments), call 3 (two recipes' race), the relay, record: all ok."""
     from qatlab.models.embedded import materialize_smollm2
 
     dense = materialize_smollm2()  # the test cache's dense SmolLM2 (made once per checkout): no second dequantization
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(GPU / "kit.py"), "dry-run", "--state", str(tmp_path / "kit"),
-                           "--out", str(out), "--experiments", "kd_smollm2_w2,rtn_smollm2_w4",
+                           "--out", str(out), "--experiments", "kd_smollm2_w2,rtn_smollm2_w4", "--recipes", "kd,lsq",
                            "--reuse-dense", str(dense)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
@@ -192,4 +192,4 @@ def test_the_whole_kit_dry_run_on_the_cpu(tmp_path):
     assert set(runs) == {"kd_smollm2_w2", "rtn_smollm2_w4"} and all(r["status"] == "ok" for r in runs.values())
     assert runs["kd_smollm2_w2"]["loss_points"] == 3 and runs["rtn_smollm2_w4"]["loss_falls"] is None
     assert "trainer=cpu" in s["experiments"]["overrides"] and "model=tiny_llama" in s["experiments"]["overrides"]
-    assert {r["experiment"] for r in s["race"]["ranking"]} == {"kd_smollm2_w2", "rtn_smollm2_w4"}
+    assert {r["recipe"] for r in s["race"]["ranking"]} == {"kd", "lsq"}  # method=<recipe>, W2 g64, timed

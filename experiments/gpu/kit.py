@@ -87,10 +87,10 @@ PEAK_TFLOPS, PEAK_GBS = 989.0, 4800.0  # H200 SXM datasheet: dense bf16, HBM3e
 TINY = ["model=tiny_llama", "data.block_size=128", "data.eval_block_size=128", "data.max_train_blocks=32",
         "data.max_eval_blocks=1", "data.max_test_blocks=1", "trainer.val_check_interval=2"]
 RACE_FIXED_S, RACE_PER_RUN_S = 20, 25  # the race's process start; per run: model, PPL evals, Trainer set-up
-# The race's grid. `bits` without ++: a recipe with no method.weight.bits (OneBit's W1) is not raced; ++ for the
-# group keys, which a per-channel recipe (LLM-QAT's W4A8KV4) lacks until it is switched to groups.
-W2G64 = ["method.weight.bits=2", "++method.weight.granularity=group", "++method.weight.group_size=64",
-         "method.weight.symmetric=false"]
+# The race's grid: 2 bits in groups of 64; each recipe keeps its own grid (symmetric or not, range, NF...).
+# `bits` without ++: a recipe with no method.weight.bits is not raced; ++ for the group keys, which a
+# per-channel recipe (LLM-QAT's W4A8KV4) lacks until it is switched to groups.
+W2G64 = ["method.weight.bits=2", "++method.weight.granularity=group", "++method.weight.group_size=64"]
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,8 @@ CALLS = {
     "call3": Call("run3.sh", (".gpu/whl", ".gpu/data"), 560, (
         Part("setup", 3, 60, "wheels (already there when warm)"),
         Part("model", 3, 150, "the model from call 2, still on the warm machine"),
-        Part("race", 240, 550, "W2 g64 race of the recipes: --seconds-each (default 120, cut to fit --deadline) "
-             "of training each", needs=("model",)),
+        Part("race", 240, 550, "W2 g64 race of the recipes (conf/method/*, method=<name> on SmolLM2): "
+             "--seconds-each (default 120, cut to fit the deadline) of training each", needs=("model",)),
     ), "only if device time is left, right after call 2", in_plan=False),
     "relay": Call("relay.sh", (".gpu/whl", ".gpu/m1"), 60, (
         Part("setup", 10, 50, "re-carry model piece 1 when call 2 found the machine cold"),
@@ -429,28 +429,28 @@ class Kit:
             base = ["trainer=gpu", f"trainer.max_steps={steps}"]
         return [*base, "trainer.log_every_n_steps=1", "logger=csv", *self.args.override]
 
-    def compose_check(self, names: list[str], overrides: list[str]) -> dict[str, dict]:
-        """name -> {"error": None | str, facts}: which experiments take these overrides (Hydra compose only)."""
+    def compose_check(self, names: list[str], overrides: list[str], key: str = "experiment") -> dict[str, dict]:
+        """name -> {"error": None | str, facts}: which `key=name` take these overrides (Hydra compose only)."""
         out = self.work / f"compose-{self.part}.json"
-        rc = self.sh([PY, HERE / "kit.py", "compose", "--json", out, "--experiments", ",".join(names),
+        rc = self.sh([PY, HERE / "kit.py", "compose", "--json", out, "--key", key, "--experiments", ",".join(names),
                       *[f"--override={o}" for o in overrides]], log=f"{self.part}-compose", timeout=120)
         if rc != 0 or not out.is_file():
             raise KitError(f"composing the experiments failed (rc {rc}): {self.log_tail(f'{self.part}-compose', 800)}")
         return json.loads(out.read_text())
 
-    def multirun(self, names: list[str], overrides: list[str], tag: str) -> dict[str, dict]:
-        """One `python -m qatlab -m experiment=a,b,...` process; jobs a dead process left unfinished run once more."""
+    def multirun(self, names: list[str], overrides: list[str], tag: str, key: str = "experiment") -> dict[str, dict]:
+        """One `python -m qatlab -m <key>=a,b,...` process; jobs a dead process left unfinished run once more."""
         results: dict[str, dict] = {}
         todo, rc = list(names), None
         for attempt in range(2):
             sweep = self.work / f"{tag}-sweep{attempt}"
-            cmd = [PY, "-m", "qatlab", "-m", "experiment=" + ",".join(todo), *overrides,
+            cmd = [PY, "-m", "qatlab", "-m", f"{key}=" + ",".join(todo), *overrides,
                    f"results_file={self.work / 'results.jsonl'}", f"hydra.sweep.dir={sweep}"]
             try:
                 rc = self.sh(cmd, log=f"{tag}-run{attempt}")
             except PartTimeout:
                 rc = "timeout"
-            found = collect_sweep(sweep, self.work / "results.jsonl", judge_loss=not self.dry)
+            found = collect_sweep(sweep, self.work / "results.jsonl", judge_loss=not self.dry, key=key)
             results.update({n: r for n, r in found.items() if n in todo})
             todo = [n for n in todo if n not in results]
             if not todo or rc == "timeout" or self.part_left() < 60:
@@ -550,12 +550,13 @@ def summarize_run(run_dir: Path, failed_row: dict | None = None, judge_loss: boo
     return out
 
 
-def job_experiment(job_dir: Path) -> str | None:
+def job_value(job_dir: Path, key: str = "experiment") -> str | None:
+    """What `key=` this multirun job ran with (from Hydra's record of its overrides)."""
     path = job_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return None
     for line in path.read_text().splitlines():
-        m = re.match(r"\s*-\s*['\"]?experiment=([^'\"\s]+)", line)
+        m = re.match(rf"\s*-\s*['\"]?{re.escape(key)}=([^'\"\s]+)", line)
         if m:
             return m.group(1)
     return None
@@ -573,11 +574,11 @@ def failed_rows(results_file: Path) -> dict[str, dict]:
     return rows
 
 
-def collect_sweep(sweep: Path, results_file: Path, judge_loss: bool = True) -> dict[str, dict]:
+def collect_sweep(sweep: Path, results_file: Path, judge_loss: bool = True, key: str = "experiment") -> dict[str, dict]:
     failed = failed_rows(results_file)
     out = {}
     for job in sorted((d for d in sweep.glob("*") if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name)):
-        name = job_experiment(job)
+        name = job_value(job, key)
         if name is None:
             continue
         summary = summarize_run(job, failed.get(str(job.resolve())), judge_loss)
@@ -817,29 +818,36 @@ def part_fsdp(kit: Kit) -> dict:
     return res
 
 
+def discover_recipes() -> list[str]:
+    """The recipes (conf/method/*.yaml), read at run time like the experiments."""
+    return sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+
+
 def part_race(kit: Kit) -> dict:
-    names = kit.experiment_names()
+    """Every recipe (`method=<name>` on the default SmolLM2 run) at W2 g64 for the same training time."""
+    names = [n for n in (kit.args.recipes or "").split(",") if n] or discover_recipes()
     seconds = kit.args.seconds_each if not kit.dry else min(kit.args.seconds_each, 3)
     fit = int((kit.part_left() - RACE_FIXED_S) / max(1, len(names)) - RACE_PER_RUN_S)  # what the deadline allows
     if fit < seconds and not kit.dry:
         seconds = max(10, fit)
     overrides = [*kit.train_overrides(10**6), *W2G64, f"++trainer.max_time=00:00:{seconds // 60:02d}:{seconds % 60:02d}",
-                 "callbacks=none", "++trainer.enable_checkpointing=false"]
+                 "callbacks=none", "++trainer.enable_checkpointing=false", "task_name=race_w2g64"]
     if kit.dry:
         overrides = [o if not o.startswith("trainer.max_steps=") else "trainer.max_steps=1000" for o in overrides]
-    checks = kit.compose_check(names, overrides)
+    checks = kit.compose_check(names, overrides, key="method")
     runnable = [n for n in names if checks[n]["error"] is None]
-    results = kit.multirun(runnable, overrides, "race") if runnable else {}
+    results = kit.multirun(runnable, overrides, "race", key="method") if runnable else {}
     refused = {n: r["error"] for n, r in results.items() if str(r.get("error", "")).startswith("QatlabError")}
     results = {n: r for n, r in results.items() if n not in refused}  # e.g. OneBit: W1 only, says so up front
     table = sorted(((r.get("test/ppl_student", float("inf")), n) for n, r in results.items() if "test/ppl_student" in r))
-    res = {"seconds_each": seconds, "seconds_each_asked": kit.args.seconds_each, "overrides": overrides, "results": results,
+    res = {"seconds_each": seconds, "seconds_each_asked": kit.args.seconds_each, "overrides": overrides,
+           "results": results,
            "not_raced": {**{n: checks[n]["error"] for n in names if checks[n]["error"] is not None}, **refused},
-           "ranking": [{"experiment": n, "test/ppl_student": p, "train/steps": results[n].get("train/steps")}
+           "ranking": [{"recipe": n, "test/ppl_student": p, "train/steps": results[n].get("train/steps")}
                        for p, n in table]}
     bad = {n: r.get("error", r["status"])[:200] for n, r in results.items() if r["status"] != "ok"}
     if bad or not results:
-        res.update(_status="failed", _reason=f"not ok: {bad}" if bad else "no experiment takes the W2 g64 overrides")
+        res.update(_status="failed", _reason=f"not ok: {bad}" if bad else "no recipe takes the W2 g64 overrides")
     return res
 
 
@@ -851,7 +859,7 @@ PARTS = {"setup": part_setup, "probe": part_probe, "pytest_gpu": part_pytest_gpu
 # ---- Hydra composition check (a subprocess: it needs the installed wheels) ---------------------------------
 
 
-def compose(names: list[str], overrides: list[str]) -> dict[str, dict]:
+def compose(names: list[str], overrides: list[str], key: str = "experiment") -> dict[str, dict]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
@@ -860,7 +868,7 @@ def compose(names: list[str], overrides: list[str]) -> dict[str, dict]:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for name in names:
             try:
-                cfg = hydra_compose(config_name="train", overrides=[f"experiment={name}", *overrides])
+                cfg = hydra_compose(config_name="train", overrides=[f"{key}={name}", *overrides])
                 out[name] = {"error": None, "method": OmegaConf.select(cfg, "method.name"),
                              "data": OmegaConf.select(cfg, "data._target_"),
                              "source": OmegaConf.select(cfg, "data.source"),
@@ -918,6 +926,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds-each", type=int, default=120, help="call3: training seconds per recipe")
     p.add_argument("--reuse-dense", default=None, help="tests only: link this dense SmolLM2 folder instead of dequantizing")
     p.add_argument("--json", default=None, help="compose: where to write the result")
+    p.add_argument("--key", default="experiment", help="compose: the config group the names belong to")
+    p.add_argument("--recipes", default=None,
+                   help="call3: comma-separated recipes to race (default: every conf/method/*.yaml)")
     p.add_argument("--launcher", choices=["exec", "fork"], default=None,
                    help="how parts start: exec (a fresh python3 each; the GPU default) or fork (from a preloaded "
                         "interpreter; the dry run's default, to save the imports on the CPU)")
@@ -927,7 +938,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.call == "compose":
         names = [n for n in (args.experiments or "").split(",") if n] or discover(args.pattern)
-        Path(args.json).write_text(json.dumps(compose(names, args.override), indent=2))
+        Path(args.json).write_text(json.dumps(compose(names, args.override, args.key), indent=2))
         return 0
     args.launcher = args.launcher or ("fork" if args.dry_run or args.call == "dry-run" else "exec")
     if args.call == "dry-run":

@@ -131,7 +131,7 @@ def markdown(s: dict, date_str: str, dry: bool) -> str:
                  f"checkpoints {f.get('checkpoints')}")
     if s["race"].get("ranking"):
         lines.append(f"race ({s['race']['seconds_each']} s each): " + ", ".join(
-            f"{r['experiment']} {fmt(r['test/ppl_student'], 4)}" for r in s["race"]["ranking"]))
+            f"{r['recipe']} {fmt(r['test/ppl_student'], 4)}" for r in s["race"]["ranking"]))
     return "\n".join(lines)
 
 
