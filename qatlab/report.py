@@ -129,20 +129,29 @@ def plot(rows: list[dict[str, Any]], path: str | Path, by: str = "method") -> Pa
     return path
 
 
-def write_report(results: str | Path, out: str | Path, by: str = "method") -> tuple[Path, Path]:
-    """results.jsonl -> <out>/report.md (table + plot link) and <out>/ppl_vs_bits.png."""
+def write_report(results: str | Path, out: str | Path, by: str = "method",
+                 tasks: list[str] | None = None) -> tuple[Path, Path]:
+    """results.jsonl -> <out>/report.md (table + plot links), <out>/ppl_vs_bits.png and, when runs carry
+    compute curves (budget.cpu_minutes), <out>/ppl_vs_compute.png. tasks: keep only these task_names."""
     from qatlab.errors import require
+    from qatlab.report_curves import curve_table, plot_curves
 
     results = Path(results)
     require(results.exists(), f"no results file at {results}; run `python -m qatlab ...` first, "
                               "or pass --results <path to results.jsonl>")
     rows = read_rows(results)
-    require(rows, f"{results} holds no runs yet; finish a run first")
+    if tasks:
+        rows = [r for r in rows if r.get("task_name") in tasks]
+    require(rows, f"{results} holds no runs{' of task ' + ', '.join(tasks) if tasks else ''} yet; finish a run first")
     out = Path(out)
     png = plot(rows, out / "ppl_vs_bits.png", by)
+    curves = plot_curves(rows, out / "ppl_vs_compute.png", by)
     md = out / "report.md"
-    md.write_text(f"# qatlab report\n\nFrom `{results}` ({len(rows)} runs).\n\n{results_table(rows)}\n\n"
-                  f"![PPL vs bits per weight]({png.name})\n")
+    text = f"# qatlab report\n\nFrom `{results}` ({len(rows)} runs).\n\n{results_table(rows)}\n\n"
+    text += f"![PPL vs bits per weight]({png.name})\n"
+    if curves is not None:
+        text += f"\n## PPL vs compute\n\n{curve_table(rows, by)}\n\n![PPL vs compute]({curves.name})\n"
+    md.write_text(text)
     return md, png
 
 
@@ -151,11 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default=DEFAULT_RESULTS, help="the results store (JSON lines)")
     parser.add_argument("--out", default="outputs/report", help="folder for report.md and ppl_vs_bits.png")
     parser.add_argument("--by", default="method", help="row key that names a plot line (method, task_name, ...)")
+    parser.add_argument("--task", action="append", help="keep only runs of this task_name (repeatable)")
     args = parser.parse_args(argv)
     from qatlab.errors import QatlabError
 
     try:
-        md, png = write_report(args.results, args.out, args.by)
+        md, png = write_report(args.results, args.out, args.by, args.task)
     except QatlabError as err:
         raise SystemExit(f"qatlab.report: error: {err}") from None
     print(md.read_text())

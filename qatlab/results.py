@@ -17,9 +17,10 @@ from typing import Any
 
 # The columns a row has (zero-shot scores `test/<task>/acc` are added as they exist).
 COLUMNS = (
-    "status", "task_name", "method", "model", "w_bits", "a_bits", "kv_bits", "group_size",
-    "bits_per_weight", "steps", "tokens_seen", "test/ppl_teacher", "test/ppl_rtn",
-    "test/ppl_student", "time/wall_s", "device", "output_dir", "finished_at",
+    "status", "task_name", "method", "quantizer", "init", "loss", "stages", "model", "w_bits", "a_bits", "kv_bits",
+    "group_size", "w_grid", "w_bits_label", "dense_layers", "bits_per_weight", "steps", "tokens_seen",
+    "test/ppl_teacher", "test/ppl_rtn", "test/ppl_student", "compute/cpu_minutes", "curve", "time/wall_s", "device",
+    "git_commit", "output_dir", "finished_at",
 )
 
 

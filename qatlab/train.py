@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from qatlab.atomic import atomic_write_text
+from qatlab.callbacks.compute_budget import ComputeBudget, CPUClock, check_budget
 from qatlab.callbacks.nonfinite_guard import NonFiniteGuard
 from qatlab.callbacks.resume_state import ResumeState
 from qatlab.checkpointing import AtomicCheckpointIO, config_hash, config_identity, write_run_file
@@ -55,18 +56,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
 
     student = make_student(teacher, recipe, cfg.model.student_dtype)
+    clock = CPUClock()  # compute spent on the recipe: init and every stage, evaluation paused out
     init_facts = recipe.initialize(student, teacher, calibration_batches(datamodule, cfg.init_batches))
     log.info("quantized %d layers with %s", len(recipe.quantized_layers), recipe.describe())
 
     test_blocks = datamodule.test_blocks()
     results: dict[str, Any] = {**recipe.describe(student), **init_facts, "model": cfg.model.name_or_path}
+    clock.pause()
     results["test/ppl_teacher"] = evaluate(teacher, test_blocks, cfg, "teacher")
     if cfg.eval.rtn_baseline and recipe.name != "rtn":
         results["test/ppl_rtn"] = evaluate_rtn(teacher, recipe, test_blocks, cfg)
+    clock.resume()
 
     guard = NonFiniteGuard((cfg.get("guard") or {}).get("max_bad_steps", 10))
     resume_state = ResumeState(config_hash(identity))
-    trainer = build_trainer(cfg, extra_callbacks=[guard, resume_state])
+    budget = compute_budget(cfg, clock, student, test_blocks)
+    trainer = build_trainer(cfg, extra_callbacks=[guard, resume_state, *([budget] if budget else [])])
     log_config(trainer, cfg)
     context = StageContext(cfg=cfg, recipe=recipe, student=student, teacher=teacher, tokenizer=tokenizer,
                            datamodule=datamodule, trainer=trainer, output_dir=Path(cfg.paths.output_dir),
@@ -74,6 +79,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for stage in recipe.stages:  # e.g. EfficientQAT: Block-AP, then end-to-end on the quantizer parameters
         log.info("stage '%s' (%s)", stage.name, type(stage).__name__)
         results.update(stage.run(context))
+    results["compute/cpu_minutes"] = round(clock.used() / 60, 3)
+    if budget is not None:
+        results["curve"] = budget.curve
     results["test/ppl_student"] = evaluate(student, test_blocks, cfg, "student")
     if zero_shot_cfg.get("tasks"):
         results.update(zero_shot.teacher_and_student(teacher, student, tokenizer, zero_shot_cfg, cfg.paths.cache_dir))
@@ -82,6 +90,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     finish(trainer, recipe, student, cfg, results, test_blocks)
     return results
+
+
+def compute_budget(cfg: DictConfig, clock: CPUClock, student: torch.nn.Module,
+                   test_blocks: torch.Tensor) -> ComputeBudget | None:
+    """The budget callback when budget.cpu_minutes is set (qatlab/callbacks/compute_budget.py)."""
+    minutes, points = check_budget(cfg.get("budget"), cfg.get("scheduler"))
+    if minutes is None:
+        return None
+    per_step = cfg.data.batch_size * cfg.data.block_size * cfg.trainer.get("accumulate_grad_batches", 1)
+    return ComputeBudget(clock, minutes, points, lambda: evaluate(student, test_blocks, cfg, "curve"), per_step,
+                         (cfg.get("budget") or {}).get("schedule"))
 
 
 def model_loader_args(model_cfg: DictConfig) -> dict[str, Any]:
@@ -177,8 +196,24 @@ def run_context(cfg: DictConfig, trainer: L.Trainer | None) -> dict[str, Any]:
         "overrides": " ".join(hydra_overrides()),
         "tokens_seen": steps * accumulate * world * cfg.data.batch_size * cfg.data.block_size,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "git_commit": git_commit(),
         "output_dir": str(cfg.paths.output_dir),
     }
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with '+dirty' for uncommitted changes), so a results row names the code it ran."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+dirty" if dirty else "")) or None
 
 
 def hydra_overrides() -> list[str]:

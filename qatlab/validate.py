@@ -131,6 +131,9 @@ def check_run(cfg: DictConfig) -> None:
     _positive_int(guard, "guard.max_bad_steps", "bad steps in a row before the run stops, e.g. 10")
     lr = (cfg.get("optimizer") or {}).get("lr")
     require(lr is None or (_is_number(lr) and lr > 0), f"optimizer.lr={lr!r} must be a number > 0 (e.g. 5e-5)")
+    from qatlab.callbacks.compute_budget import check_budget
+
+    check_budget(cfg.get("budget"), cfg.get("scheduler"))
 
 
 def warn_risky(cfg: DictConfig) -> None:

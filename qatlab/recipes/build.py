@@ -61,7 +61,8 @@ def check_name(name: str) -> None:
 def _instantiate(node: DictConfig, key: str) -> Any:
     """hydra.utils.instantiate, with a constructor's error as one line naming the group."""
     require(isinstance(node, DictConfig) and "_target_" in node,
-            f"{key} must be a config with a _target_ (pick one of conf/{key.split('.')[0].rstrip('s')}/)")
+            f"{key} must be a config with a _target_ (pick one of conf/{key.split('.')[0].rstrip('s')}/)"
+            + ("; to skip a stage set " + key + ".enabled=false" if key.startswith("stages.") else ""))
     try:
         built = hydra.utils.instantiate(node)
     except InstantiationException as e:
