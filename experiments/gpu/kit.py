@@ -125,14 +125,14 @@ CALLS = {
         Part("scale_7b", 45, 150, "7B W2 QAT step (bf16 student, 8-bit AdamW, checkpointing): peak memory vs 80 GB"),
         Part("kernels_gemv", 75, 180, "W2 g64 / W1 GEMV at 1/4/16 tokens on the 3 LLaMA shapes vs bf16 cuBLAS"),
     ), "the most valuable numbers first; needs no model"),
-    "call2": Call("run2.sh", (".gpu/whl", ".gpu/m2", ".gpu/data"), 360, (
+    "call2": Call("run2.sh", (".gpu/whl", ".gpu/m2", ".gpu/data"), 380, (
         Part("setup", 5, 90, "wheels (already there when warm); model piece 2"),
         Part("model", 30, 150, "join the GGUF pieces (sha256), seed the corpus, dequantize SmolLM2 once"),
         Part("kernels_decode", 45, 150, "packed SmolLM2 decode tokens/s (W2, W1) vs bf16; packed vs student logits",
              needs=("model",)),
         Part("fsdp", 45, 150, "one experiment with trainer=fsdp trainer.devices=1, checkpoint saved",
              needs=("model",)),
-        Part("experiments", 180, 300, "each smollm2 experiment, trainer=gpu, 30 steps: runs, loss falls, no error "
+        Part("experiments", 220, 320, "each smollm2 experiment, trainer=gpu, 30 steps: runs, loss falls, no error "
              "(last: it grows with the recipes; jobs done by the deadline are kept)", needs=("model",)),
     ), "right after call 1 (within 30 s): it needs model piece 1 from call 1"),
     "call3": Call("run3.sh", (".gpu/whl", ".gpu/data"), 560, (
@@ -824,8 +824,11 @@ def discover_recipes() -> list[str]:
 
 
 def part_race(kit: Kit) -> dict:
-    """Every recipe (`method=<name>` on the default SmolLM2 run) at W2 g64 for the same training time."""
-    names = [n for n in (kit.args.recipes or "").split(",") if n] or discover_recipes()
+    """Every recipe (`method=<name>` on the default SmolLM2 run) at W2 g64 for the same training time; with
+    --experiments and no --recipes, those experiments instead (e.g. the race's own W2 g64 experiment files)."""
+    key = "experiment" if kit.args.experiments and not kit.args.recipes else "method"
+    names = kit.experiment_names() if key == "experiment" else (
+        [n for n in (kit.args.recipes or "").split(",") if n] or discover_recipes())
     seconds = kit.args.seconds_each if not kit.dry else min(kit.args.seconds_each, 3)
     fit = int((kit.part_left() - RACE_FIXED_S) / max(1, len(names)) - RACE_PER_RUN_S)  # what the deadline allows
     if fit < seconds and not kit.dry:
@@ -834,13 +837,13 @@ def part_race(kit: Kit) -> dict:
                  "callbacks=none", "++trainer.enable_checkpointing=false", "task_name=race_w2g64"]
     if kit.dry:
         overrides = [o if not o.startswith("trainer.max_steps=") else "trainer.max_steps=1000" for o in overrides]
-    checks = kit.compose_check(names, overrides, key="method")
+    checks = kit.compose_check(names, overrides, key=key)
     runnable = [n for n in names if checks[n]["error"] is None]
-    results = kit.multirun(runnable, overrides, "race", key="method") if runnable else {}
+    results = kit.multirun(runnable, overrides, "race", key=key) if runnable else {}
     refused = {n: r["error"] for n, r in results.items() if str(r.get("error", "")).startswith("QatlabError")}
     results = {n: r for n, r in results.items() if n not in refused}  # e.g. OneBit: W1 only, says so up front
     table = sorted(((r.get("test/ppl_student", float("inf")), n) for n, r in results.items() if "test/ppl_student" in r))
-    res = {"seconds_each": seconds, "seconds_each_asked": kit.args.seconds_each, "overrides": overrides,
+    res = {"raced": key, "seconds_each": seconds, "seconds_each_asked": kit.args.seconds_each, "overrides": overrides,
            "results": results,
            "not_raced": {**{n: checks[n]["error"] for n in names if checks[n]["error"] is not None}, **refused},
            "ranking": [{"recipe": n, "test/ppl_student": p, "train/steps": results[n].get("train/steps")}
