@@ -103,6 +103,15 @@ def test_per_document_tokenization_equals_joined_string(tok):
     assert ids.tolist() == tok("\n\n".join(docs), add_special_tokens=False)["input_ids"]
 
 
+def test_tokenizing_without_datasets_gives_the_same_ids(tok, monkeypatch):
+    """The GPU machine has no `datasets` (experiments/gpu): the fallback must not change a single id."""
+    docs = load_documents("gensim_wiki", "validation")
+    expected = packing.tokenize_stream(docs, tok, "\n\n")
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # import datasets -> ImportError
+    fallback = packing.tokenize_stream(docs, tok, "\n\n")
+    assert fallback.dtype == torch.int64 and torch.equal(fallback, expected)
+
+
 def test_pack_cache_is_reused(tok, tmp_path, monkeypatch):
     docs = ["Some text to pack. " * 20, "And another document."]
     first = pack_documents(docs, tok, 16, cache_dir=str(tmp_path))

@@ -227,6 +227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gguf-file", default=None)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--skip-gemv", action="store_true", help="decode part only (the GPU kit runs the parts in two calls)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes and a tiny random Llama")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     torch.manual_seed(0)
     shapes, batches = (TINY_SHAPES, TINY_BATCHES) if args.tiny else (SHAPES, BATCHES)
-    rows = gemv_rows(shapes, batches, device, args.peak_gbs)
+    rows = [] if args.skip_gemv else gemv_rows(shapes, batches, device, args.peak_gbs)
     result = {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "triton": kernels.HAVE_TRITON, "peak_gbs": args.peak_gbs, "tiny": args.tiny,

@@ -5,6 +5,8 @@
         --student-dtype bfloat16 --checkpointing --batch 1 --skip-reference    # 7B W2 QAT step peak memory
     python experiments/scale/bench.py --tiny                                   # CPU smoke run (tested)
 
+--out PATH also writes the JSON to a file (the GPU kit, experiments/gpu/, reads it from there).
+
 Random weights in the Llama architecture (no download). One step = teacher forward (no grad) +
 student forward/backward + AdamW; "qatlab" uses FakeQuantLinear and the chunked fp32 KL,
 "reference" the plain loop: every Linear's weight fake-quantized by a hand-written per-group
@@ -20,6 +22,7 @@ import argparse
 import copy
 import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +95,7 @@ def eager_loss(student_logits, teacher_logits):
 def run(teacher, student, loss_fn, optimizer, ids, steps: int, device) -> dict:
     times = []
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # the reserved peak then starts from live tensors, not from blocks freed earlier
         torch.cuda.reset_peak_memory_stats()
     for _ in range(steps + 1):  # the first step warms up (allocations, kernels, optimizer state)
         sync(device)
@@ -107,9 +111,12 @@ def run(teacher, student, loss_fn, optimizer, ids, steps: int, device) -> dict:
         sync(device)
         times.append(time.perf_counter() - start)
     step = sum(times[1:]) / steps
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    reserved = torch.cuda.max_memory_reserved() if cuda else None  # what the allocator took from the card
     return {"step_s": round(step, 4), "tokens_per_s": round(ids.numel() / step, 1),
-            "peak_gib": None if peak is None else round(peak / 2**30, 3)}
+            "peak_gib": None if peak is None else round(peak / 2**30, 3),
+            "peak_reserved_gib": None if reserved is None else round(reserved / 2**30, 3)}
 
 
 def sync(device):
@@ -139,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, seq 32, batch 2, 2 steps")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     if a.tiny:
         a.model, a.seq, a.batch, a.steps, a.group = "tiny", 32, 2, 2, 32
@@ -150,6 +158,14 @@ def main(argv: list[str] | None = None) -> dict:
     flops = (6 + 2) * params * ids.numel()
     result = {"model": a.model, "params": params, "seq": a.seq, "batch": a.batch, "bits": a.bits,
               "group": a.group, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
+    setup = Setup(a.batch, a.seq, teacher_dtype=str(teacher_dtype).split(".")[1], student_dtype=a.student_dtype,
+                  activation_dtype="bfloat16" if device.type == "cuda" else a.student_dtype,
+                  optimizer=a.optimizer, gradient_checkpointing=a.checkpointing)
+    result["estimate_gib"] = round(estimate_peak(ModelShape.of(teacher), setup).total / 2**30, 3)
+
+    def timed(student, loss_fn, optimizer) -> dict:
+        row = run(teacher, student, loss_fn, optimizer, ids, a.steps, device)
+        return {**row, "mfu": round(flops / row["step_s"] / (a.peak_tflops * 1e12), 5)}
 
     method = Recipe("kd", weight={"bits": a.bits, "group_size": a.group, "symmetric": False})
     student = copy.deepcopy(teacher).to(DTYPES[a.student_dtype]).requires_grad_(True).train()
@@ -158,22 +174,23 @@ def main(argv: list[str] | None = None) -> dict:
         student.config.use_cache = False
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(a.optimizer, parameter_groups(student, "all", None))
-    result["qatlab"] = run(teacher, student, forward_kl, optimizer, ids, a.steps, device)
+    result["qatlab"] = timed(student, forward_kl, optimizer)
     del student, optimizer
     if not a.skip_reference:
+        write(a.out, {**result, "partial": "the reference loop has not finished"})  # kept if the reference fails
         student = eager_student(teacher, a.bits, a.group, DTYPES[a.student_dtype])
         optimizer = make_optimizer(a.optimizer, list(student.parameters()))
-        result["reference"] = run(teacher, student, eager_loss, optimizer, ids, a.steps, device)
+        result["reference"] = timed(student, eager_loss, optimizer)
         del student, optimizer
-    for key in ("qatlab", "reference"):
-        if key in result:
-            result[key]["mfu"] = round(flops / result[key]["step_s"] / (a.peak_tflops * 1e12), 5)
-    setup = Setup(a.batch, a.seq, teacher_dtype=str(teacher_dtype).split(".")[1], student_dtype=a.student_dtype,
-                  activation_dtype="bfloat16" if device.type == "cuda" else a.student_dtype,
-                  optimizer=a.optimizer, gradient_checkpointing=a.checkpointing)
-    result["estimate_gib"] = round(estimate_peak(ModelShape.of(teacher), setup).total / 2**30, 3)
     print(json.dumps(result, indent=2))
+    write(a.out, result)
     return result
+
+
+def write(path: Path | None, result: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -54,11 +54,14 @@ def pack_documents(
 
 def tokenize_stream(docs: list[str], tokenizer, separator: str) -> torch.Tensor:
     """(N,) int64: the ids of separator.join(docs), tokenized per document (see module docstring)."""
-    import datasets
-
     if not docs:
         return torch.zeros(0, dtype=torch.int64)
     texts = [doc if i == 0 else separator + doc for i, doc in enumerate(docs)]
+    try:
+        import datasets
+    except ImportError:  # e.g. the GPU machine (experiments/gpu): the same ids from one batched tokenizer call
+        rows = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        return torch.tensor([i for row in rows for i in row], dtype=torch.int64)
 
     def tokenize(batch: dict) -> dict:
         return {"ids": tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]}
