@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import time
 import warnings
@@ -17,12 +16,13 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from qatlab.atomic import atomic_write_text
+from qatlab.atomic import atomic_dir
 from qatlab.callbacks.nonfinite_guard import NonFiniteGuard
 from qatlab.callbacks.resume_state import ReplayLoader, ResumeState
-from qatlab.checkpointing import AtomicCheckpointIO, config_hash, config_identity, write_run_file
+from qatlab.callbacks.safe_checkpoint import SafeCheckpoint, interrupts
+from qatlab.checkpointing import AtomicCheckpointIO, config_hash, config_identity, resume_hash, write_run_file
 from qatlab.data.logit_cache import attach_teacher_cache
-from qatlab.errors import QatlabError, require
+from qatlab.errors import QatlabError, RunFailed, require
 from qatlab.eval.perplexity import perplexity
 from qatlab.eval.table import markdown_table
 from qatlab.eval import zero_shot
@@ -30,7 +30,7 @@ from qatlab.export import load_packed
 from qatlab.methods import QuantMethod, build_method
 from qatlab.models import load_causal_lm
 from qatlab.module import QATModule
-from qatlab.results import append_row, run_row
+from qatlab.results import nonfinite_failure, run_row, write_results
 from qatlab.validate import check_loaded, validate_config
 
 log = logging.getLogger("qatlab")
@@ -39,7 +39,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment; return the metrics dict (also written to <output_dir>/results.json)."""
+    """Run one experiment; return the metrics dict (also written to <output_dir>/results.json).
+    SIGINT/SIGTERM save last.ckpt (in training) and stop with how to resume (qatlab/callbacks/safe_checkpoint.py)."""
+    with interrupts(cfg.paths.output_dir, hydra_overrides()):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     resume = validate_config(cfg)  # every key checked, and the resume dir's config, before any model loads
     identity = config_identity(cfg)
@@ -68,8 +74,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results["test/ppl_rtn"] = evaluate_rtn(teacher, method, test_blocks, cfg)
 
     guard = NonFiniteGuard((cfg.get("guard") or {}).get("max_bad_steps", 10))
-    resume_state = ResumeState(config_hash(identity))
-    trainer = build_trainer(cfg, extra_callbacks=[guard, resume_state])
+    resume_state = ResumeState(resume_hash(identity), also_accept=(config_hash(identity),),
+                               lr=(cfg.get("optimizer") or {}).get("lr"))
+    trainer = build_trainer(cfg, extra_callbacks=[guard, resume_state, safe_checkpoint(cfg)])
     log_config(trainer, cfg)
     if method.trains and method.training_mode == "blockwise":  # e.g. ZeroQuant's LKD (qatlab/lkd.py)
         progress = Path(cfg.paths.output_dir) / "lkd"  # finished blocks, so a killed LKD resumes at the next one
@@ -87,6 +94,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results["train/bad_steps"] = guard.bad_steps
         if "train/loss" in trainer.callback_metrics:
             results["train/loss"] = trainer.callback_metrics["train/loss"].item()  # the last step's
+        elif resume_state.train_loss is not None:  # resumed after the last step: the checkpoint kept it
+            results["train/loss"] = resume_state.train_loss
     results["test/ppl_student"] = evaluate(student, test_blocks, cfg, "student")
     if zero_shot_cfg.get("tasks"):
         results.update(zero_shot.teacher_and_student(teacher, student, tokenizer, zero_shot_cfg, cfg.paths.cache_dir))
@@ -152,6 +161,13 @@ def _as_dict(config: Any) -> dict | None:
     return {k: v for k, v in dataclasses.asdict(config).items() if k != "name"}
 
 
+def safe_checkpoint(cfg: DictConfig) -> SafeCheckpoint:
+    """last.ckpt on a timer, on SIGINT/SIGTERM and at the end of training (conf `checkpoint:`)."""
+    options = OmegaConf.to_container(cfg.get("checkpoint") or {}, resolve=True)
+    return SafeCheckpoint(Path(cfg.paths.output_dir) / "checkpoints", **options,
+                          enabled=cfg.trainer.get("enable_checkpointing", True) is not False)
+
+
 def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
@@ -182,25 +198,31 @@ def log_config(trainer: L.Trainer, cfg: DictConfig) -> None:
 
 def finish(trainer: L.Trainer, method: QuantMethod, student: torch.nn.Module, cfg: DictConfig,
            results: dict[str, Any], test_blocks: torch.Tensor) -> None:
-    """Optionally export (and score the export), log final metrics, write results.json, print the table."""
+    """Optionally export (and score the export); print the table, write results.json and the results row (in that
+    order: a failing write cannot lose the numbers), log final metrics. A non-finite PPL records the run as failed."""
     results["bits_per_weight"] = round(method.bits_per_weight(student), 4)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.get("export"):  # before logging, so test/ppl_packed reaches the loggers too
-        results["export_dir"] = str(method.export(student, out / "export"))
+        with atomic_dir(out / "export") as tmp:  # a kill mid-export leaves the old export or none, never half of one
+            written = Path(method.export(student, tmp))
+        results["export_dir"] = str(out / "export" / written.relative_to(tmp))
         if cfg.eval.get("packed"):  # evaluate what you ship: the loaded packed model
             packed = load_packed(results["export_dir"], dtype=cfg.model.student_dtype)
             results["test/ppl_packed"] = evaluate(packed, test_blocks, cfg, "packed")
+    failure = nonfinite_failure(results)
+    if failure:
+        results.update(status="failed", error=failure)
+    print(results_table(results, cfg))
+    write_results(out, results, cfg.get("results_file"), run_row(results, **run_context(cfg, trainer)))
     numbers = {k: v for k, v in results.items() if "/" in k and isinstance(v, (int, float))}
     for logger in trainer.loggers:
         logger.log_metrics(numbers, step=trainer.global_step)
         if isinstance(logger, WandbLogger):  # summary values: what a W&B runs table compares
             logger.experiment.summary.update({k: v for k, v in results.items() if isinstance(v, (str, int, float))})
-        logger.finalize("success")
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    if cfg.get("results_file"):
-        append_row(cfg.results_file, run_row(results, **run_context(cfg, trainer)))
-    print(results_table(results, cfg))
+        logger.finalize("failed" if failure else "success")
+    if failure:
+        raise RunFailed(failure)
 
 
 def run_context(cfg: DictConfig, trainer: L.Trainer | None) -> dict[str, Any]:
