@@ -90,7 +90,8 @@ class SafeCheckpoint(L.Callback):
             raise Interrupted(interrupted_message(signum, trainer.global_step), signum)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.enabled and self.at_end and not _model_checkpoint_covers(trainer, self.path):
+        saved_now = self.last is not None and self.last[1] == trainer.global_step
+        if self.enabled and self.at_end and not saved_now and not _model_checkpoint_covers(trainer, self.path):
             self.save(trainer)
         _STATE.phase, _STATE.fitting = "after", False
 
