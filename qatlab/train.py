@@ -204,8 +204,15 @@ def finish(trainer: L.Trainer, method: QuantMethod, student: torch.nn.Module, cf
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.get("export"):  # before logging, so test/ppl_packed reaches the loggers too
-        with atomic_dir(out / "export") as tmp:  # a kill mid-export leaves the old export or none, never half of one
-            written = Path(method.export(student, tmp))
+        try:
+            with atomic_dir(out / "export") as tmp:  # a kill mid-export leaves the old export or none, never half
+                written = Path(method.export(student, tmp))
+        except OSError as e:  # e.g. a full disk: keep the numbers, say how to export again without training
+            print(results_table(results, cfg))
+            write_results(out, {**results, "status": "failed", "error": f"export failed: {e}"}, None)
+            raise QatlabError(f"export to '{out / 'export'}' failed ({e.strerror or e}); the run's numbers are in "
+                              f"{out / 'results.json'} and the table above; make room, then rerun with resume=auto "
+                              "(its last.ckpt holds the trained student: no training again)") from None
         results["export_dir"] = str(out / "export" / written.relative_to(tmp))
         if cfg.eval.get("packed"):  # evaluate what you ship: the loaded packed model
             packed = load_packed(results["export_dir"], dtype=cfg.model.student_dtype)

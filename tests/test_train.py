@@ -201,3 +201,24 @@ def test_a_failing_results_store_write_loses_no_numbers(tmp_path, monkeypatch, c
     saved = json.loads((tmp_path / "results.json").read_text())
     assert math.isfinite(saved["test/ppl_student"])
     assert "| rtn (student) | W4A16 g64 | " in capsys.readouterr().out
+
+
+def test_a_failing_export_write_loses_no_numbers(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from qatlab.errors import QatlabError
+    from qatlab.methods.base import QuantMethod
+
+    def disk_full(self, student, path, **kwargs):
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(QuantMethod, "export", disk_full)
+    with pytest.raises(QatlabError, match=rf"export to '{tmp_path}/export' failed \(No space left on device\); the run's "
+                                          rf"numbers are in {tmp_path}/results.json and the table above"):
+        train(make_cfg(tmp_path, "experiment=tiny_smoke", "method=rtn", "export=true", f"results_file={tmp_path}/r.jsonl"))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "failed" and math.isfinite(saved["test/ppl_student"])
+    assert "| rtn (student) | W4A16 g64 | " in capsys.readouterr().out
+    assert not (tmp_path / "export").exists() and not (tmp_path / "r.jsonl").exists()  # no half export, no ok row
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]  # the temp folder is cleaned up
