@@ -185,7 +185,7 @@ def test_a_method_that_needs_hidden_states_cannot_use_the_cache(tiny_llama_model
         module.teacher_outputs({"input_ids": batch["input_ids"]}, {})
 
 
-def test_a_tiny_run_trains_from_the_cache_without_the_teacher(tmp_path, monkeypatch):
+def test_a_tiny_run_trains_from_the_cache_without_the_teacher(tmp_path, monkeypatch, caplog):
     """End to end: the cache is built once, the fit never calls the teacher, a second run reuses it."""
     from qatlab.module import QATModule
     from qatlab.train import train
@@ -208,3 +208,12 @@ def test_a_tiny_run_trains_from_the_cache_without_the_teacher(tmp_path, monkeypa
     assert results["train/steps"] == 2 and seen == [(True, True), (True, True)]
     (folder,) = (tmp_path / "cache" / "teacher_topk").iterdir()
     assert LogitCache(folder).info["k"] == 16 and LogitCache(folder).info["num_blocks"] == 6
+
+    # issue 19.9: a shard cut short (a copy, a full disk) used to crash this rerun with an anonymous SafetensorError
+    shard = folder / "shard_00000.safetensors"
+    truncate(shard, keep=shard.stat().st_size // 3)
+    with caplog.at_level("WARNING", logger="qatlab"):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            again = train(compose("train", overrides=[f"paths.output_dir={tmp_path}/run2", *overrides]))
+    assert f"teacher cache shard {shard} is damaged (truncated" in caplog.text
+    assert again["test/ppl_student"] == results["test/ppl_student"] and again["train/loss"] == results["train/loss"]
