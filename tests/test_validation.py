@@ -94,6 +94,12 @@ def test_config_mistakes_fail_before_any_model_loads(tmp_path, no_model_loads, o
         train(make_cfg(tmp_path, *overrides.split()))
 
 
+def test_gpu_asked_for_on_a_machine_without_one(tmp_path, no_model_loads, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with fails_with(r"trainer.accelerator='gpu' but no CUDA device is visible; use trainer=cpu or a GPU machine"):
+        train(make_cfg(tmp_path, "trainer.accelerator=gpu"))
+
+
 def test_missing_corpus_file(tmp_path, no_model_loads):
     with fails_with(r"data.source_kwargs.path='/no/such.txt' does not exist; give a .txt"):
         train(make_cfg(tmp_path, "data=local", "data.source_kwargs.path=/no/such.txt"))
