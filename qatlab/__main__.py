@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from qatlab.errors import QatlabError
+from qatlab.errors import Interrupted, QatlabError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -30,6 +30,10 @@ def run(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)
     except Exception as exc:  # noqa: BLE001 - turn known user errors into one clear line
+        interrupted = user_error(exc)
+        if isinstance(interrupted, Interrupted):  # SIGINT/SIGTERM: stop (a sweep too), say how to resume
+            print(f"qatlab: {interrupted}", file=sys.stderr)
+            raise SystemExit(interrupted.exit_code) from None
         if in_multirun() and cfg.get("sweep_continue_on_error", True):
             return record_failed_job(exc, cfg)
         err = user_error(exc)
@@ -59,7 +63,7 @@ def record_failed_job(exc: BaseException, cfg: DictConfig) -> None:
     overrides = " ".join(HydraConfig.get().overrides.task)
     logging.getLogger("qatlab").error("sweep job failed (%s):\n%s", overrides, traceback.format_exc())
     print(f"qatlab: job failed, sweep continues: {user_error(exc) or exc}", file=sys.stderr)
-    if cfg.get("results_file"):
+    if cfg.get("results_file") and not getattr(user_error(exc), "recorded", False):  # RunFailed wrote its row
         append_row(cfg.results_file, failed_row(user_error(exc) or exc, task_name=cfg.get("task_name"),
                                                 overrides=overrides, output_dir=str(cfg.paths.output_dir)))
     return None

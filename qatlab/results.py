@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+from qatlab.atomic import atomic_write_text
+from qatlab.errors import QatlabError
 
 # The columns a row has (zero-shot scores `test/<task>/acc` are added as they exist).
 COLUMNS = (
@@ -24,9 +28,26 @@ COLUMNS = (
 )
 
 
+# PPLs that must be finite for a run to count: a non-finite one records the run as failed.
+MUST_BE_FINITE = ("test/ppl_teacher", "test/ppl_student", "test/ppl_packed")
+
+
+def nonfinite_failure(results: dict[str, Any]) -> str | None:
+    """Why the run's numbers are unusable (a PPL that is inf or NaN), or None when they are fine."""
+    bad = [f"{key}={results[key]}" for key in MUST_BE_FINITE
+           if isinstance(results.get(key), float) and not math.isfinite(results[key])]
+    if not bad:
+        return None
+    return (f"the run finished with a non-finite PPL ({', '.join(bad)}), so it is recorded as failed: its weights "
+            f"diverged or overflowed (train/bad_steps={results.get('train/bad_steps', 0)}); lower optimizer.lr, "
+            "use bf16 instead of fp16, or check the method's settings, then run it again")
+
+
 def run_row(results: dict[str, Any], **context: Any) -> dict[str, Any]:
     """A store row from a run's results dict plus context (task_name, output_dir, tokens_seen...)."""
-    row = {"status": "ok", **context}
+    row = {"status": results.get("status", "ok"), **context}
+    if results.get("error"):
+        row["error"] = results["error"][:500]
     for key in COLUMNS:
         if key in results:
             row[key] = results[key]
@@ -41,6 +62,25 @@ def failed_row(error: BaseException, **context: Any) -> dict[str, Any]:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return {"status": "failed", "error": f"{type(error).__name__}: {message}"[:500], **context,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def write_results(out_dir: str | Path, results: dict[str, Any], results_file: str | Path | None,
+                  row: dict[str, Any] | None = None) -> None:
+    """<out_dir>/results.json, then one row in the store. Call after printing the table: a failing write
+    names its file and says where the numbers still are."""
+    path = Path(out_dir) / "results.json"
+    try:
+        atomic_write_text(path, json.dumps(results, indent=2))
+    except OSError as e:
+        raise QatlabError(f"could not write '{path}' ({e.strerror or e}); the run's numbers are in the table above; "
+                          "make paths.output_dir writable (or point hydra.run.dir elsewhere) for the next run") from None
+    if not results_file:
+        return
+    try:
+        append_row(results_file, row if row is not None else run_row(results))
+    except OSError as e:
+        raise QatlabError(f"results_file='{results_file}' could not be written ({e.strerror or e}); the run's numbers "
+                          f"are in {path} and the table above; give a writable results_file (or QATLAB_RESULTS)") from None
 
 
 def append_row(path: str | Path, row: dict[str, Any]) -> Path:

@@ -15,12 +15,13 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from qatlab.atomic import atomic_write_text
+from qatlab.atomic import atomic_dir
 from qatlab.callbacks.compute_budget import ComputeBudget, CPUClock, check_budget
 from qatlab.callbacks.nonfinite_guard import NonFiniteGuard
 from qatlab.callbacks.resume_state import ResumeState
-from qatlab.checkpointing import AtomicCheckpointIO, config_hash, config_identity, write_run_file
-from qatlab.errors import QatlabError, require
+from qatlab.callbacks.safe_checkpoint import SafeCheckpoint, interrupts
+from qatlab.checkpointing import AtomicCheckpointIO, config_hash, config_identity, resume_hash, write_run_file
+from qatlab.errors import QatlabError, RunFailed, require
 from qatlab.eval.perplexity import perplexity
 from qatlab.eval.table import markdown_table
 from qatlab.eval import zero_shot
@@ -28,7 +29,7 @@ from qatlab.export import export_packed, load_packed
 from qatlab.models import load_causal_lm
 from qatlab.recipes import Recipe, build_recipe
 from qatlab.stages import StageContext
-from qatlab.results import append_row, run_row
+from qatlab.results import nonfinite_failure, run_row, write_results
 from qatlab.validate import check_loaded, validate_config
 
 log = logging.getLogger("qatlab")
@@ -37,7 +38,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment; return the metrics dict (also written to <output_dir>/results.json)."""
+    """Run one experiment; return the metrics dict (also written to <output_dir>/results.json).
+    SIGINT/SIGTERM save last.ckpt (in training) and stop with how to resume (qatlab/callbacks/safe_checkpoint.py)."""
+    with interrupts(cfg.paths.output_dir, hydra_overrides()):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     resume = validate_config(cfg)  # every key checked, and the resume dir's config, before any model loads
     identity = config_identity(cfg)
@@ -69,9 +76,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     clock.resume()
 
     guard = NonFiniteGuard((cfg.get("guard") or {}).get("max_bad_steps", 10))
-    resume_state = ResumeState(config_hash(identity))
+    resume_state = ResumeState(resume_hash(identity), also_accept=(config_hash(identity),),
+                               lr=(cfg.get("optimizer") or {}).get("lr"))
     budget = compute_budget(cfg, clock, student, test_blocks)
-    trainer = build_trainer(cfg, extra_callbacks=[guard, resume_state, *([budget] if budget else [])])
+    trainer = build_trainer(cfg, extra_callbacks=[guard, resume_state, safe_checkpoint(cfg), *([budget] if budget else [])])
     log_config(trainer, cfg)
     context = StageContext(cfg=cfg, recipe=recipe, student=student, teacher=teacher, tokenizer=tokenizer,
                            datamodule=datamodule, trainer=trainer, output_dir=Path(cfg.paths.output_dir),
@@ -148,6 +156,13 @@ def evaluate_rtn(teacher: torch.nn.Module, recipe: Recipe, blocks: torch.Tensor,
     return ppl
 
 
+def safe_checkpoint(cfg: DictConfig) -> SafeCheckpoint:
+    """last.ckpt on a timer, on SIGINT/SIGTERM and at the end of training (conf `checkpoint:`)."""
+    options = OmegaConf.to_container(cfg.get("checkpoint") or {}, resolve=True)
+    return SafeCheckpoint(Path(cfg.paths.output_dir) / "checkpoints", **options,
+                          enabled=cfg.trainer.get("enable_checkpointing", True) is not False)
+
+
 def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
@@ -164,26 +179,38 @@ def log_config(trainer: L.Trainer, cfg: DictConfig) -> None:
 
 def finish(trainer: L.Trainer, recipe: Recipe, student: torch.nn.Module, cfg: DictConfig,
            results: dict[str, Any], test_blocks: torch.Tensor) -> None:
-    """Optionally export (and score the export), log final metrics, write results.json, print the table."""
+    """Optionally export (and score the export); print the table, write results.json and the results row (in that
+    order: a failing write cannot lose the numbers), log final metrics. A non-finite PPL records the run as failed."""
     results["bits_per_weight"] = round(recipe.bits_per_weight(student), 4)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.get("export"):  # before logging, so test/ppl_packed reaches the loggers too
-        results["export_dir"] = str(export_packed(student, out / "export", method=recipe.name,
-                                                  facts=recipe.describe(), kv=recipe.kv_config))
+        try:
+            with atomic_dir(out / "export") as tmp:  # a kill mid-export leaves the old export or none, never half
+                written = export_packed(student, tmp, method=recipe.name, facts=recipe.describe(), kv=recipe.kv_config)
+        except OSError as e:  # e.g. a full disk: keep the numbers, say how to export again without training
+            print(results_table(results, cfg))
+            write_results(out, {**results, "status": "failed", "error": f"export failed: {e}"}, None)
+            raise QatlabError(f"export to '{out / 'export'}' failed ({e.strerror or e}); the run's numbers are in "
+                              f"{out / 'results.json'} and the table above; make room, then rerun with resume=auto "
+                              "(its last.ckpt holds the trained student: no training again)") from None
+        results["export_dir"] = str(out / "export" / Path(written).relative_to(tmp))
         if cfg.eval.get("packed"):  # evaluate what you ship: the loaded packed model
             packed = load_packed(results["export_dir"], dtype=cfg.model.student_dtype)
             results["test/ppl_packed"] = evaluate(packed, test_blocks, cfg, "packed")
+    failure = nonfinite_failure(results)
+    if failure:
+        results.update(status="failed", error=failure)
+    print(results_table(results, cfg))
+    write_results(out, results, cfg.get("results_file"), run_row(results, **run_context(cfg, trainer)))
     numbers = {k: v for k, v in results.items() if "/" in k and isinstance(v, (int, float))}
     for logger in trainer.loggers:
         logger.log_metrics(numbers, step=trainer.global_step)
         if isinstance(logger, WandbLogger):  # summary values: what a W&B runs table compares
             logger.experiment.summary.update({k: v for k, v in results.items() if isinstance(v, (str, int, float))})
-        logger.finalize("success")
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    if cfg.get("results_file"):
-        append_row(cfg.results_file, run_row(results, **run_context(cfg, trainer)))
-    print(results_table(results, cfg))
+        logger.finalize("failed" if failure else "success")
+    if failure:
+        raise RunFailed(failure)
 
 
 def run_context(cfg: DictConfig, trainer: L.Trainer | None) -> dict[str, Any]:

@@ -89,6 +89,25 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(lm, tmp_path, monkeypat
     assert sorted(p.name for p in out.glob("shard_*")) == [f"shard_0000{k}.safetensors" for k in range(3)]
 
 
+def test_a_truncated_shard_is_named_on_load_and_generated_again_on_rerun(lm, tmp_path, caplog, monkeypatch):
+    """Issue 19.9: a truncated generated-data shard crashed with a SafetensorError naming no file; a rerun kept it."""
+    out = tmp_path / "gen"
+    full = generate(lm, out)
+    shard = out / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:64])
+    with pytest.raises(QatlabError, match=rf"generated-data shard '{shard}' is damaged \(truncated: 64 bytes, its "
+                                          r"header [^)]*\); run again with data=teacher_generated"):
+        load_generated(out)
+    assert not generation.is_complete(out)  # so the datamodule generates again
+    real, decoded = generation.decode, []
+    monkeypatch.setattr(generation, "decode", lambda *a: decoded.append(1) or real(*a))
+    with caplog.at_level("WARNING", logger="qatlab"):
+        again = generate(lm, out)
+    assert f"generated-data shard {shard} is damaged (truncated" in caplog.text
+    assert len(decoded) == 1  # only that shard (3 samples, batch 4) was decoded again
+    assert torch.equal(again, full)
+
+
 def test_two_ranks_together_make_the_single_rank_dataset(lm, tmp_path):
     model, tok = lm
     cfg = GenerationConfig(**SMALL)

@@ -96,3 +96,61 @@ def test_bf16_and_ptq_do_not_warn(tmp_path, recwarn):
     validate_config(make_cfg(tmp_path, "experiment=tiny_smoke", "trainer.precision=bf16-mixed"))
     validate_config(make_cfg(tmp_path, "experiment=tiny_smoke", "method=rtn", "model.dtype=float16"))
     assert not [w for w in recwarn if issubclass(w.category, RiskySettingWarning)]
+
+
+def plant_inf_weights(monkeypatch, on_step):
+    """The optimizer's `on_step`-th step (1-based) writes inf into a weight although loss and gradients were
+    finite: what an overflowing update (a huge learning rate, issue 19.5's lr=inf run) does."""
+    real, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, closure=None):
+        out = real(self, closure)
+        calls["n"] += 1
+        if calls["n"] == on_step:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def test_a_finite_step_that_writes_inf_weights_stops_before_any_checkpoint_holds_them(tmp_path, monkeypatch, caplog):
+    """Issue 19.5: the guard never looked at the weights after a step, so last.ckpt got inf weights and the stop
+    message said they were the last good ones; and its advice (lower lr, resume=auto) was refused on resume."""
+    overrides = [*TINY, "trainer.max_steps=5", "scheduler=constant"]
+    plant_inf_weights(monkeypatch, on_step=3)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(QatlabError, match=r"the optimizer step at global_step 2 left non-finite weights in the student "
+                                          r"\(student\.model\.embed_tokens\.weight\) although its loss and gradients were "
+                                          r"finite.*The run stopped before saving them: "
+                                          rf"{last} holds the last good weights \(global_step 2\)\. Lower optimizer.lr, "
+                                          r"then resume=auto \(optimizer.lr may change on resume\)"):
+        train(make_cfg(tmp_path, *overrides))
+    saved = safe_load(last)
+    assert saved["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
+    assert not (tmp_path / "results.json").exists()
+
+    monkeypatch.undo()  # the advice, followed: a lower lr and resume=auto
+    with caplog.at_level(logging.WARNING, logger="qatlab"):
+        results = train(make_cfg(tmp_path, *overrides, "optimizer.lr=1e-4", "resume=auto"))
+    assert "resume: changed since the run started, allowed on resume: optimizer.lr=0.001 there, 0.0001 now" in caplog.text
+    assert "resume: optimizer.lr 0.001 -> 0.0001 from step 2" in caplog.text
+    assert results["train/steps"] == 5 and math.isfinite(results["test/ppl_student"])
+    resumed = safe_load(last)
+    assert resumed["global_step"] == 5
+    assert [g["lr"] for g in resumed["optimizer_states"][0]["param_groups"]] == [1e-4]  # applied, not the restored 1e-3
+
+
+def test_a_changed_lr_on_resume_matches_a_run_that_had_it_from_the_start(tmp_path):
+    """The restored cosine schedule is rescaled, not restarted: at every later step its lr equals the lr a run
+    started with the new value has at that step."""
+    keep = [*TINY, "trainer.max_steps=6", "callbacks.model_checkpoint.save_top_k=-1",
+            "+callbacks.model_checkpoint.filename='{step}'"]
+    train(make_cfg(tmp_path / "run", *keep, "trainer.max_steps=3"))
+    train(make_cfg(tmp_path / "run", *keep, "optimizer.lr=2e-4", "resume=auto"))
+    train(make_cfg(tmp_path / "reference", *keep, "optimizer.lr=2e-4"))
+    for step in (4, 5):
+        resumed = safe_load(tmp_path / "run" / "checkpoints" / f"step={step}.ckpt")["optimizer_states"][0]
+        reference = safe_load(tmp_path / "reference" / "checkpoints" / f"step={step}.ckpt")["optimizer_states"][0]
+        assert resumed["param_groups"][0]["lr"] == pytest.approx(reference["param_groups"][0]["lr"], rel=1e-12)

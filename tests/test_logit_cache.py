@@ -135,6 +135,42 @@ def test_cache_key_resume_and_mismatch(tmp_path, tiny_llama_model):
         CachedBlockDataset(blocks[:3], resumed)
 
 
+def truncate(path: Path, keep: int = 100) -> None:
+    path.write_bytes(path.read_bytes()[:keep])  # what a cut copy or a full disk leaves
+
+
+def test_a_truncated_shard_is_named_on_open_and_made_again_on_rerun(tmp_path, tiny_llama_model, caplog):
+    """Issue 19.9: a truncated shard crashed later with a SafetensorError naming no file; a rerun kept it."""
+    teacher = CountingTeacher(tiny_llama_model)
+    blocks = blocks_for(tiny_llama_model)
+    cache = build(teacher, blocks, tmp_path, 4)
+    before = [{k: v.clone() for k, v in cache[i].items()} for i in range(5)]  # copies: reads are memory-mapped
+    shard = cache.folder / "shard_00001.safetensors"
+    truncate(shard)
+    with pytest.raises(QatlabError, match=rf"teacher cache shard '{shard}' is damaged \(truncated: 100 bytes, its "
+                                          r"header [^)]*\); run the training again with teacher_cache.enabled=true"):
+        LogitCache(cache.folder)
+    calls = teacher.calls
+    with caplog.at_level("WARNING", logger="qatlab"):
+        rebuilt = build(teacher, blocks, tmp_path, 4)
+    assert f"teacher cache shard {shard} is damaged (truncated" in caplog.text
+    assert teacher.calls == calls + 1  # that shard only (2 blocks in one batch of 2)
+    for i in range(5):
+        for key in KEYS:
+            assert torch.equal(rebuilt[i][key], before[i][key]), (i, key)
+    assert LogitCache(cache.folder) is not None  # whole again: size and checksum
+
+
+def test_a_corrupted_shard_of_the_right_size_fails_its_checksum(tmp_path, tiny_llama_model):
+    cache = build(tiny_llama_model, blocks_for(tiny_llama_model), tmp_path, 4)
+    shard = cache.folder / "shard_00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # one flipped byte in the data, size unchanged
+    shard.write_bytes(bytes(data))
+    with pytest.raises(QatlabError, match=rf"'{shard}' is damaged \(checksum mismatch"):
+        LogitCache(cache.folder)
+
+
 def test_a_method_that_needs_hidden_states_cannot_use_the_cache(tiny_llama_model):
     from qatlab.losses import ForwardKL
     from qatlab.stages.qat_module import QATModule
@@ -149,7 +185,7 @@ def test_a_method_that_needs_hidden_states_cannot_use_the_cache(tiny_llama_model
         module.teacher_outputs({"input_ids": batch["input_ids"]}, {})
 
 
-def test_a_tiny_run_trains_from_the_cache_without_the_teacher(tmp_path, monkeypatch):
+def test_a_tiny_run_trains_from_the_cache_without_the_teacher(tmp_path, monkeypatch, caplog):
     """End to end: the cache is built once, the fit never calls the teacher, a second run reuses it."""
     from qatlab.stages.qat_module import QATModule
     from qatlab.train import train
@@ -172,3 +208,12 @@ def test_a_tiny_run_trains_from_the_cache_without_the_teacher(tmp_path, monkeypa
     assert results["train/steps"] == 2 and seen == [(True, True), (True, True)]
     (folder,) = (tmp_path / "cache" / "teacher_topk").iterdir()
     assert LogitCache(folder).info["k"] == 16 and LogitCache(folder).info["num_blocks"] == 6
+
+    # issue 19.9: a shard cut short (a copy, a full disk) used to crash this rerun with an anonymous SafetensorError
+    shard = folder / "shard_00000.safetensors"
+    truncate(shard, keep=shard.stat().st_size // 3)
+    with caplog.at_level("WARNING", logger="qatlab"):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            again = train(compose("train", overrides=[f"paths.output_dir={tmp_path}/run2", *overrides]))
+    assert f"teacher cache shard {shard} is damaged (truncated" in caplog.text
+    assert again["test/ppl_student"] == results["test/ppl_student"] and again["train/loss"] == results["train/loss"]

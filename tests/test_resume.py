@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from qatlab.checkpointing import AtomicCheckpointIO, safe_load
-from qatlab.errors import QatlabError
+from qatlab.errors import Interrupted, QatlabError
 from qatlab.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,3 +216,106 @@ def test_read_rows_skips_a_torn_last_line_and_recovers_a_row_appended_after_it(t
     assert [r["method"] for r in read_rows(store)] == ["kd"]
     append_row(store, {"status": "ok", "method": "rtn"})  # lands on the torn line
     assert [r["method"] for r in read_rows(store)] == ["kd", "rtn"]
+
+
+# ---- issue 19.6: a signal, a timer and the end of training save last.ckpt ------------------------
+
+# The checkpoint settings a user gets by default (model_checkpoint every 200 steps, checkpoint.every_minutes=5),
+# on a run far shorter than either: before issue 19.6 such a run saved nothing before it ended.
+DEFAULT_SAVES = ["experiment=tiny_smoke", "logger=none", "callbacks=model_checkpoint", "trainer.enable_checkpointing=true",
+                 "trainer.deterministic=true", "trainer.accelerator=cpu", "trainer.max_steps=5", "eval.rtn_baseline=false"]
+
+
+def signal_at(step, signum):
+    return ["+callbacks.probe._target_=probes.SignalAt", f"+callbacks.probe.step={step}", f"+callbacks.probe.signum={signum}"]
+
+
+def test_the_default_config_saves_on_a_timer_a_signal_and_at_the_end(tmp_path):
+    cfg = make_cfg(tmp_path)
+    assert 0 < cfg.checkpoint.every_minutes <= 10 and cfg.checkpoint.on_signal and cfg.checkpoint.at_end
+    assert cfg.trainer.max_steps < cfg.callbacks.model_checkpoint.every_n_train_steps  # why the timer/signal/end matter
+    assert cfg.callbacks.model_checkpoint.enable_version_counter is False  # never a last-v1.ckpt
+
+
+def test_sigint_mid_training_saves_last_ckpt_and_the_resume_matches(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted) as info:
+        train(make_cfg(run, *DEFAULT_SAVES, *signal_at(2, "SIGINT")))
+    last = run / "checkpoints" / "last.ckpt"
+    assert info.value.exit_code == 130
+    assert str(info.value) == (f"interrupted by SIGINT during training at global_step 2; {last} holds global_step 2. "
+                               f"Continue with: train(cfg) with paths.output_dir={run} and resume=auto")
+    assert safe_load(last)["global_step"] == 2 and not (run / "results.json").exists()
+
+    resumed = train(make_cfg(run, *DEFAULT_SAVES, *signal_at(2, "SIGINT"), "resume=auto"))  # resumes at 2: no signal
+    torch.use_deterministic_algorithms(False)
+    reference = train(make_cfg(tmp_path / "reference", *DEFAULT_SAVES))
+    assert final_numbers(resumed) == final_numbers(reference)
+
+
+def test_sigterm_from_the_command_line_saves_exits_143_and_prints_how_to_resume(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "QATLAB_RESULTS": str(tmp_path / "r.jsonl")}
+    run = tmp_path / "run"
+    args = [*DEFAULT_SAVES, "data.max_test_blocks=1", *signal_at(3, "SIGTERM")]
+    proc = subprocess.run([sys.executable, "-m", "qatlab", *args, f"hydra.run.dir={run}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("qatlab: ")]
+    last = run / "checkpoints" / "last.ckpt"
+    assert lines == [f"qatlab: interrupted by SIGTERM during training at global_step 3; {last} holds global_step 3. "
+                     f"Continue with: python -m qatlab {' '.join(args)} hydra.run.dir={run} resume=auto"], proc.stderr[-3000:]
+    assert safe_load(last)["global_step"] == 3 and not (run / "results.json").exists()
+
+
+def test_a_signal_before_training_stops_at_once_with_the_same_advice(tmp_path, monkeypatch):
+    import qatlab.train as train_module
+
+    real = train_module.evaluate
+
+    def teacher_evaluation_interrupted(model, blocks, cfg, who):
+        if who == "teacher":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, blocks, cfg, who)
+
+    monkeypatch.setattr(train_module, "evaluate", teacher_evaluation_interrupted)
+    with pytest.raises(Interrupted, match=r"^interrupted by SIGTERM before training \(finished cache shards and "
+                                          r"checkpoints are kept\); no checkpoint was saved yet\. Continue with: "):
+        train(make_cfg(tmp_path, *DEFAULT_SAVES))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone again
+
+
+def test_a_timer_saves_last_ckpt_during_training(tmp_path):
+    saves = ["callbacks=none", "checkpoint.every_minutes=1e-9", "checkpoint.at_end=false"]  # "due" after every step
+    train(make_cfg(tmp_path, *DEFAULT_SAVES, *saves, "trainer.max_steps=3",
+                   "+callbacks.probe._target_=probes.StepMarker", f"+callbacks.probe.path={tmp_path}/step"))
+    assert safe_load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+def test_the_end_of_training_saves_last_ckpt_so_a_kill_in_evaluation_does_not_retrain(tmp_path, monkeypatch):
+    import qatlab.train as train_module
+    from qatlab.stages.qat_module import QATModule
+
+    overrides = [*DEFAULT_SAVES, "callbacks=none", "checkpoint.every_minutes=null"]
+    real = train_module.evaluate
+
+    def killed_in_student_evaluation(model, blocks, cfg, who):
+        if who == "student":
+            raise KeyboardInterrupt("killed")
+        return real(model, blocks, cfg, who)
+
+    monkeypatch.setattr(train_module, "evaluate", killed_in_student_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(tmp_path / "run", *overrides))
+    assert safe_load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 5
+    monkeypatch.undo()
+
+    steps = []
+    real_step = QATModule.training_step
+    monkeypatch.setattr(QATModule, "training_step", lambda self, *a: steps.append(1) or real_step(self, *a))
+    resumed = train(make_cfg(tmp_path / "run", *overrides, "resume=auto"))
+    assert steps == []  # nothing trained again
+    monkeypatch.undo()
+    torch.use_deterministic_algorithms(False)
+    reference = train(make_cfg(tmp_path / "reference", *overrides))
+    assert final_numbers(resumed) == final_numbers(reference)  # train/loss too: the checkpoint kept it

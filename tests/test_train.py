@@ -113,6 +113,8 @@ def test_a_failed_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path):
         ("method.weight.bits=9", r"bits=9 is out of range"),
         ("model.name_or_path=/no/such/model", r"'/no/such/model' does not exist"),
         ("method.name=bitdistiller", r"method.name='bitdistiller' but the composed recipe is method=kd"),
+        ("optimizer.lr=inf", r"optimizer.lr=inf is not a finite number"),  # issue 19.4
+        ("results_file=/proc/qatlab/r.jsonl", r"results_file='/proc/qatlab/r.jsonl' cannot be written"),  # 19.8
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, override, message):
@@ -122,6 +124,25 @@ def test_bad_input_is_one_clear_line(tmp_path, override, message):
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("qatlab: error:")]
     assert len(error_lines) == 1, proc.stderr[-2000:]
     assert re.search(message, error_lines[0]), error_lines[0]
+
+
+@pytest.mark.parametrize("bad", ["latin1_corpus", "empty_model_folder"])
+def test_bad_files_are_one_clear_line_naming_the_file(tmp_path, bad):
+    """Issue 19.10/19.11: these were a raw UnicodeDecodeError and a 26-line trace."""
+    if bad == "latin1_corpus":
+        path = tmp_path / "corpus.txt"
+        path.write_bytes("caf\u00e9\n".encode("latin-1"))
+        args, message = ["data=local", f"data.source_kwargs.path={path}"], rf"'{path}' is not UTF-8 text \(line 1, byte 3"
+    else:
+        path = tmp_path / "model"
+        path.mkdir()
+        args, message = [f"model.name_or_path={path}"], rf"model.name_or_path='{path}' has no config.json"
+    proc = run_cli("experiment=tiny_smoke", *args, tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("qatlab: error:")]
+    assert len(error_lines) == 1 and re.search(message, error_lines[0]), proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "qatlab_run.json").exists()  # refused before the run started
 
 
 def test_unknown_config_choice_lists_the_options(tmp_path):
@@ -137,3 +158,67 @@ def test_empty_corpus_is_one_clear_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert re.search(r"qatlab: error: .*has no text", proc.stderr), proc.stderr[-2000:]
+
+
+# ---- issue 19.4 and 19.8: what finish() records and in which order -------------------------------
+
+
+def test_a_run_whose_student_ppl_is_not_finite_is_recorded_as_failed(tmp_path, monkeypatch, capsys):
+    """The lr=inf run used to end 'ok' with student PPL inf, listed by the report as a normal run."""
+    import qatlab.train as train_module
+    from qatlab.errors import RunFailed
+    from qatlab.results import read_rows
+
+    real = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate",
+                        lambda model, blocks, cfg, who: float("inf") if who == "student" else real(model, blocks, cfg, who))
+    store = tmp_path / "r.jsonl"
+    with pytest.raises(RunFailed, match=r"the run finished with a non-finite PPL \(test/ppl_student=inf\), so it is "
+                                        r"recorded as failed: .*lower optimizer.lr"):
+        train(make_cfg(tmp_path, "experiment=tiny_smoke", "trainer.max_steps=1", f"results_file={store}"))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "failed" and saved["test/ppl_student"] == float("inf")
+    (row,) = read_rows(store)
+    assert row["status"] == "failed" and "non-finite PPL" in row["error"] and math.isfinite(row["test/ppl_teacher"])
+    assert "| kd (student) | W4A16 g64 | inf |" in capsys.readouterr().out  # the table is still printed
+
+
+def test_a_failing_results_store_write_loses_no_numbers(tmp_path, monkeypatch, capsys):
+    """An unwritable store used to surface only after all the work, as a traceback, with no table printed."""
+    import errno
+
+    import qatlab.results as results_module
+    from qatlab.errors import QatlabError
+
+    def disk_full(path, row):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(results_module, "append_row", disk_full)
+    store = tmp_path / "r.jsonl"
+    with pytest.raises(QatlabError, match=rf"results_file='{store}' could not be written \(No space left on device\); "
+                                          rf"the run's numbers are in {tmp_path}/results.json and the table above"):
+        train(make_cfg(tmp_path, "experiment=tiny_smoke", "trainer.max_steps=1", "method=rtn", f"results_file={store}"))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert math.isfinite(saved["test/ppl_student"])
+    assert "| rtn (student) | W4A16 g64 | " in capsys.readouterr().out
+
+
+def test_a_failing_export_write_loses_no_numbers(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import qatlab.train as train_module
+    from qatlab.errors import QatlabError
+
+    def disk_full(student, path, **kwargs):
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_module, "export_packed", disk_full)
+    with pytest.raises(QatlabError, match=rf"export to '{tmp_path}/export' failed \(No space left on device\); the run's "
+                                          rf"numbers are in {tmp_path}/results.json and the table above"):
+        train(make_cfg(tmp_path, "experiment=tiny_smoke", "method=rtn", "export=true", f"results_file={tmp_path}/r.jsonl"))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "failed" and math.isfinite(saved["test/ppl_student"])
+    assert "| rtn (student) | W4A16 g64 | " in capsys.readouterr().out
+    assert not (tmp_path / "export").exists() and not (tmp_path / "r.jsonl").exists()  # no half export, no ok row
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]  # the temp folder is cleaned up

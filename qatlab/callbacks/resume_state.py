@@ -8,10 +8,16 @@ there. Replaying costs one pass over in-memory token blocks per past epoch: no m
 
 The position is counted here, in training batches finished, because the loader itself runs one
 batch ahead of training (Lightning prefetches the next batch to know which one is the last).
+
+A resume may change optimizer.lr (qatlab.checkpointing.SAFE_ON_RESUME): Lightning restores the optimizer
+and scheduler with the old learning rate, so on_train_start scales them by new / old, which keeps the
+schedule's shape (warmup, cosine) and moves it to the new peak from the resumed step on.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -21,6 +27,8 @@ import numpy as np
 import torch
 
 from qatlab.errors import QatlabError
+
+log = logging.getLogger("qatlab")
 
 
 class ReplayLoader:
@@ -51,19 +59,39 @@ class ReplayLoader:
 
 
 class ResumeState(L.Callback):
-    def __init__(self, config_hash: str, loader: ReplayLoader | None = None):
+    """config_hash: qatlab.checkpointing.resume_hash (the config without the keys a resume may change);
+    also_accept: hashes of older formats that mean the same config (the full config hash); lr: optimizer.lr."""
+
+    def __init__(self, config_hash: str, loader: ReplayLoader | None = None, also_accept: tuple[str, ...] = (),
+                 lr: float | None = None):
         self.config_hash = config_hash
+        self.also_accept = tuple(also_accept)
         self.loader = loader
+        self.lr = lr
         self.batches_seen = 0
+        self.train_loss: float | None = None  # the last step's, so a run resumed after its last step still has it
+        self._lr_then: float | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self.batches_seen += 1  # runs before ModelCheckpoint's hook (Lightning runs checkpoint callbacks last)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            self.train_loss = float(loss)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        then, now, self._lr_then = self._lr_then, self.lr, None
+        if then is None or now is None or then == now or not then > 0:
+            return
+        scale_learning_rate(trainer, now / then)
+        log.warning("resume: optimizer.lr %g -> %g from step %d (the schedule keeps its shape)",
+                    then, now, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config_hash": self.config_hash, "batches_seen": self.batches_seen, "rng": rng_state()}
+        return {"config_hash": self.config_hash, "batches_seen": self.batches_seen, "rng": rng_state(),
+                "lr": self.lr, "train_loss": self.train_loss}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["config_hash"] != self.config_hash:
+        if state["config_hash"] not in (self.config_hash, *self.also_accept):
             raise QatlabError(
                 f"resume: the checkpoint was written by another config (hash {state['config_hash']}, this run "
                 f"{self.config_hash}); resume with the overrides it was started with, or set resume=null"
@@ -72,6 +100,25 @@ class ResumeState(L.Callback):
         if self.loader is not None:
             self.loader.start_at(self.batches_seen)
         set_rng_state(state["rng"])
+        self._lr_then = state.get("lr")
+        self.train_loss = state.get("train_loss")
+
+
+def scale_learning_rate(trainer: L.Trainer, factor: float) -> None:
+    """Multiply every restored learning rate (the groups' current and initial lr, the schedulers' base lrs)."""
+    if not math.isfinite(factor) or factor <= 0:
+        raise QatlabError(f"resume: cannot scale the learning rate by {factor}; give a finite optimizer.lr > 0")
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            for key in ("lr", "initial_lr"):
+                if key in group:
+                    group[key] = group[key] * factor
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [lr * factor for lr in scheduler._last_lr]
 
 
 def rng_state() -> dict[str, Any]:

@@ -181,19 +181,40 @@ def read_local(path: str, text_field: str = "text", key: str = "data.source_kwar
     p = Path(path).expanduser()
     require(p.exists(), f"{key}='{path}' does not exist; give a .txt/.jsonl file or a folder of .txt files")
     if p.is_dir():
-        return [f.read_text(encoding="utf-8").strip() for f in sorted(p.glob("*.txt"))]
+        return [read_text(f, key).strip() for f in sorted(p.glob("*.txt"))]
     if p.suffix == ".jsonl":
-        return _read_jsonl(p, text_field)
+        return _read_jsonl(p, text_field, key)
     require(p.suffix == ".txt", f"{key}='{path}' is not a .txt or .jsonl file; convert it or pass a folder")
-    return [doc.strip() for doc in re.split(r"\n\s*\n", p.read_text(encoding="utf-8"))]
+    return [doc.strip() for doc in re.split(r"\n\s*\n", read_text(p, key))]
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
+def read_text(path: Path, key: str) -> str:
+    """The file as UTF-8; a byte that is not UTF-8 is an error naming the file, line and byte offset."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise QatlabError(
+            f"{key}: '{path}' is not UTF-8 text (line {line}, byte {e.start}: {data[e.start:e.start + 1]!r} "
+            f"{e.reason}); convert it, e.g. iconv -f latin1 -t utf-8 '{path}' > fixed{path.suffix}"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it (universal newlines)
+
+
+def _read_jsonl(path: Path, text_field: str, key: str = "data.source_kwargs.path") -> list[str]:
     docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text(path, key).splitlines(), start=1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QatlabError(f"{key}: {path}:{n} is not valid JSON ({e.msg}, column {e.colno}); every line of a "
+                              f".jsonl file must be one JSON object like {{\"{text_field}\": \"...\"}}: fix or delete "
+                              "that line") from None
+        require(isinstance(row, dict), f"{key}: {path}:{n} is a JSON {type(row).__name__}, not an object; every line "
+                                       f"must be one JSON object like {{\"{text_field}\": \"...\"}}")
         require(text_field in row, f"{path}:{n} has no field '{text_field}'; set data.source_kwargs.text_field")
         docs.append(str(row[text_field]))
     return docs

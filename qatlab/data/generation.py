@@ -14,6 +14,8 @@ Sharding: samples are grouped into shards of `shard_size`; rank r of w makes the
 k % w == r. (LLM-QAT's reference splits the vocabulary of start tokens across GPUs; qatlab splits the
 sample index space instead, which gives the same distribution and keeps the dataset deterministic.)
 A shard is written atomically once complete, so a killed run resumes at the first missing shard.
+Each shard carries the SHA-256 of its data (qatlab.data.shards): loading checks every shard's size and
+checksum and names a damaged one; a rerun deletes it (with a warning) and generates it again.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from qatlab.atomic import atomic_path, atomic_write_text
+from qatlab.atomic import atomic_write_text
 from qatlab.data.packing import tokenizer_fingerprint
-from qatlab.errors import require
+from qatlab.data.shards import damaged, drop_if_damaged, save_checked
+from qatlab.errors import QatlabError, require
 
 FORMAT = "qatlab-generation-v1"  # bump when the decoding changes, so old caches are not reused
 MANIFEST = "manifest.json"
@@ -101,7 +104,10 @@ def generate_dataset(model, tokenizer, out_dir, cfg: GenerationConfig, prompts: 
     out = Path(out_dir)
     starts = start_sequences(tokenizer, cfg, prompts)  # (num_samples, max(1, prompt_tokens))
     write_manifest(out, manifest(model, tokenizer, cfg, prompts, model_id))
-    todo = [k for k in range(rank, cfg.num_shards, world_size) if not shard_path(out, k).is_file()]
+    mine = range(rank, cfg.num_shards, world_size)
+    for k in mine:  # a truncated or corrupted shard is generated again
+        drop_if_damaged(shard_path(out, k), "generated-data")
+    todo = [k for k in mine if not shard_path(out, k).is_file()]
     bar = tqdm(total=sum(len(cfg.shard_rows(k)) for k in todo), desc=f"generate (rank {rank})", unit="sample")
     started, new_tokens, vocab = time.perf_counter(), 0, vocab_size(model, tokenizer)
     with evaluating(model):
@@ -122,22 +128,35 @@ def load_generated(out_dir) -> torch.Tensor:
     out = Path(out_dir)
     path = out / MANIFEST
     require(path.is_file(), f"{out} has no {MANIFEST}; generate the dataset first (generate_dataset)")
-    info = json.loads(path.read_text(encoding="utf-8"))
+    info = read_manifest(path)
     missing = [k for k in range(info["num_shards"]) if not shard_path(out, k).is_file()]
     require(
         not missing,
         f"{out} lacks {len(missing)} of {info['num_shards']} shards (first: {missing[:3]}); "
         "rerun the generation (data=teacher_generated resumes it) to finish them",
     )
+    for k in range(info["num_shards"]):
+        problem = damaged(shard_path(out, k))
+        require(problem is None, f"generated-data shard '{shard_path(out, k)}' is damaged ({problem}); run again with "
+                                 "data=teacher_generated: it generates that shard again")
     return torch.cat([load_file(shard_path(out, k))["input_ids"] for k in range(info["num_shards"])])
 
 
 def is_complete(out_dir) -> bool:
+    """Every shard is there and whole (a damaged one makes the dataset incomplete: generate_dataset redoes it)."""
     out = Path(out_dir)
     if not (out / MANIFEST).is_file():
         return False
-    n = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["num_shards"]
-    return all(shard_path(out, k).is_file() for k in range(n))
+    n = read_manifest(out / MANIFEST)["num_shards"]
+    return all(shard_path(out, k).is_file() and damaged(shard_path(out, k)) is None for k in range(n))
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QatlabError(f"generated-data manifest '{path}' is not readable JSON ({e}); delete the folder "
+                          f"{path.parent} so the next run generates the data again") from None
 
 
 def shard_path(out: Path, k: int) -> Path:
@@ -147,8 +166,7 @@ def shard_path(out: Path, k: int) -> Path:
 def save_shard(ids: torch.Tensor, path: Path) -> None:
     """Temp file in the same folder, then rename: a kill never leaves half a shard under the real name.
     (A kill between the two leaves a hidden .tmp file, which nothing reads.)"""
-    with atomic_path(path) as tmp:
-        save_file({"input_ids": ids.contiguous()}, str(tmp))
+    save_checked({"input_ids": ids.contiguous()}, path)
 
 
 def manifest(model, tokenizer, cfg: GenerationConfig, prompts, model_id: str | None) -> dict:
@@ -167,7 +185,7 @@ def write_manifest(out: Path, info: dict) -> None:
     """Create the manifest, or check that the existing one describes the same dataset."""
     path = out / MANIFEST
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = read_manifest(path)
         require(
             old == info,
             f"{out} holds samples made with other settings ({MANIFEST} differs); use another out_dir "

@@ -5,10 +5,12 @@ Layout under <cache_dir>/teacher_topk/<key>/ (key = hash of teacher, tokenizer, 
     shard_00000.safetensors    blocks [0, shard_size): indices (n, T, k) int32, logprobs (n, T, k)
     shard_00001.safetensors    in `dtype`, log_rest (n, T) float32 (log mass of the other tokens)
 Each shard is written to a temp file and renamed into place, so a killed build leaves only whole
-shards and resumes where it stopped. Several processes may build the same cache at once: each
+shards and resumes where it stopped. Each shard carries the SHA-256 of its data (qatlab.data.shards):
+opening the cache checks every shard's size and checksum; a build deletes a damaged shard (a warning
+names it) and makes it again, a plain reader refuses it naming the file. Several processes may build the same cache at once: each
 makes its own share of the shards first (i % world == rank), then any shard still missing.
 
-The losses on top of it and their approximation: qatlab/losses_topk.py.
+The losses on top of it and their approximation: qatlab/losses/topk.py.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from qatlab.atomic import atomic_path, atomic_write_text
+from qatlab.atomic import atomic_write_text
 from qatlab.data.generation import model_identity, tensor_digest
-from qatlab.errors import require
+from qatlab.data.shards import damaged, drop_if_damaged, save_checked
+from qatlab.errors import QatlabError, require
 from qatlab.losses.topk import CachedTeacherOutput, TopKLogits, topk_from_logits
 
 log = logging.getLogger("qatlab")
@@ -69,6 +71,8 @@ def build_logit_cache(teacher, blocks: torch.Tensor, out: str | Path, info: Mapp
     """Write the missing shards of the cache described by `info` under `out`; return a reader."""
     out = Path(out)
     _write_manifest(out, dict(info))
+    for i in range(_num_shards(info)):  # a truncated or corrupted shard is made again
+        drop_if_damaged(_shard_path(out, i), "teacher cache")
     missing = [i for i in _shard_order(_num_shards(info)) if not _shard_path(out, i).is_file()]
     if missing:
         device = device or _default_device()
@@ -80,7 +84,7 @@ def build_logit_cache(teacher, blocks: torch.Tensor, out: str | Path, info: Mapp
                     _build_shard(teacher, blocks, out, info, i, batch_size, device)
         finally:
             teacher.to(home)
-    return LogitCache(out)
+    return LogitCache(out, verified=True)
 
 
 @torch.no_grad()
@@ -96,8 +100,7 @@ def _build_shard(teacher, blocks, out: Path, info, i: int, batch_size: int, devi
         "logprobs": torch.cat([p.logprobs for p in parts]).to(DTYPES[info["dtype"]]),
         "log_rest": torch.cat([p.log_rest for p in parts]).float(),
     }
-    with atomic_path(_shard_path(out, i)) as tmp:
-        save_file(tensors, str(tmp))
+    save_checked(tensors, _shard_path(out, i))
     log.info("teacher cache: wrote shard %d (%d blocks) in %s", i, len(rows), out)
 
 
@@ -126,12 +129,20 @@ def _write_manifest(out: Path, info: dict) -> None:
     """Create the manifest, or check that the existing one describes the same cache."""
     path = out / MANIFEST
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = _read_manifest(path)
         require(old == info, f"{out} holds a teacher cache made with other settings ({MANIFEST} differs); "
                              "delete that folder or use another teacher_cache.dir")
         return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True))
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QatlabError(f"teacher cache manifest '{path}' is not readable JSON ({e}); delete the folder "
+                          f"{path.parent} so the next run builds the cache again") from None
 
 
 def _num_shards(info: Mapping[str, Any]) -> int:
@@ -146,15 +157,20 @@ def _shard_path(out: Path, i: int) -> Path:
 
 
 class LogitCache:
-    """Random access to the cached top-k of block i; keeps the last shard it read in memory."""
+    """Random access to the cached top-k of block i; keeps the last shard it read in memory.
+    Opening checks every shard's size and checksum (verified=True: the builder just did)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, verified: bool = False):
         self.folder = Path(folder)
         require((self.folder / MANIFEST).is_file(), f"{self.folder} is not a teacher cache (no {MANIFEST})")
-        self.info = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+        self.info = _read_manifest(self.folder / MANIFEST)
         missing = [i for i in range(_num_shards(self.info)) if not _shard_path(self.folder, i).is_file()]
         require(not missing, f"teacher cache {self.folder} is incomplete (shards {missing[:5]}... missing); "
                              "build it again (python -m qatlab teacher_cache.enabled=true) to finish it")
+        for i in [] if verified else range(_num_shards(self.info)):
+            problem = damaged(_shard_path(self.folder, i))
+            require(problem is None, f"teacher cache shard '{_shard_path(self.folder, i)}' is damaged ({problem}); "
+                                     "run the training again with teacher_cache.enabled=true: it makes that shard again")
         self._open: dict[int, Any] = {}  # shard -> safe_open handle: memory-mapped, reads only the rows asked for
 
     def __len__(self) -> int:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -14,6 +15,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from qatlab.data.shards import damaged
 from qatlab.errors import QatlabError, require
 from qatlab.models.embedded import materialize_smollm2
 from qatlab.models.tiny import build_tiny_llama
@@ -76,9 +78,12 @@ def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 def _from_pretrained(auto_class, name: str, key: str, **kwargs):
     """auto_class.from_pretrained on a folder or hub id; failures become one actionable line naming `key`."""
-    source = _resolve_local(name, key)
+    source = _resolve_local(name, key, kwargs.get("gguf_file"))
     try:
         return auto_class.from_pretrained(source, **kwargs)
+    except SafetensorError as e:  # a damaged weights file that slipped past check_local_model (e.g. from the hub cache)
+        raise QatlabError(f"{key}='{name}' has a damaged weights file ({str(e).splitlines()[0]}); download or save "
+                          "the model again") from e
     except OSError as e:  # transformers raises OSError for missing files, no network, gated repos
         raise QatlabError(
             f"{key}='{name}' could not be loaded ({str(e).splitlines()[0]}); offline, download it first "
@@ -86,17 +91,44 @@ def _from_pretrained(auto_class, name: str, key: str, **kwargs):
         ) from e
 
 
-def _resolve_local(name: str, key: str) -> str:
+def _resolve_local(name: str, key: str, gguf_file: str | None = None) -> str:
     """An existing folder as an absolute path; a hub id unchanged; a missing local path is an error."""
     path = Path(name).expanduser()
+    check_local_model(name, key, tokenizer=key == "model.tokenizer", gguf_file=gguf_file)
     if path.is_dir():
         return str(path.resolve())
-    require(
-        not _looks_local(name),
-        f"{key}='{name}' does not exist; give an existing folder with config.json, "
-        "a Hugging Face hub id, or use model=smollm2_135m",
-    )
     return name
+
+
+def check_local_model(name: str, key: str = "model.name_or_path", tokenizer: bool = False,
+                      gguf_file: str | None = None) -> None:
+    """A local model path that cannot load says why in one line, before anything loads: missing, a file instead of
+    a folder, a folder without config.json, a weights file that is cut short. Hub ids and built-in names pass."""
+    if name == EMBEDDED or name == TINY or name.startswith(TINY + ":"):
+        return
+    path = Path(name).expanduser()
+    if path.is_file():
+        hint = (f"for a GGUF file set {key}=<its folder> and model.gguf_file={path.name}" if path.suffix == ".gguf"
+                else "give the folder that holds config.json and the weights (what save_pretrained writes)")
+        raise QatlabError(f"{key}='{name}' is a file, not a model folder; {hint}")
+    if not path.is_dir():
+        require(not _looks_local(name), f"{key}='{name}' does not exist; give an existing folder with config.json, "
+                                        "a Hugging Face hub id, or use model=smollm2_135m")
+        return
+    if tokenizer:
+        return
+    if gguf_file:
+        require((path / gguf_file).is_file(), f"model.gguf_file='{gguf_file}' is not in {key}='{name}'; "
+                                              f"give the name of a .gguf file in that folder")
+        return
+    entries = sorted(p.name for p in path.iterdir())
+    require("config.json" in entries,
+            f"{key}='{name}' has no config.json ({'the folder is empty' if not entries else 'it holds ' + ', '.join(entries[:5])}); "
+            "give a folder written by save_pretrained (config.json + weights), or a Hugging Face hub id")
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = damaged(weights, verify_checksum=False)
+        require(problem is None, f"{key}='{name}': weights file '{weights}' is damaged ({problem}); download or save "
+                                 "the model again")
 
 
 def _looks_local(name: str) -> bool:

@@ -62,6 +62,8 @@ class WholeModel(Stage):
         results: dict[str, Any] = {"train/steps": trainer.global_step, "train/bad_steps": ctx.guard.bad_steps if ctx.guard else 0}
         if "train/loss" in trainer.callback_metrics:
             results["train/loss"] = trainer.callback_metrics["train/loss"].item()  # the last step's
+        elif ctx.resume_state is not None and ctx.resume_state.train_loss is not None:
+            results["train/loss"] = ctx.resume_state.train_loss  # resumed after the last step: the checkpoint kept it
         return results
 
     def prepare(self, student: torch.nn.Module, recipe: Any) -> None:
