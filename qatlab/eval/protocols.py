@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from qatlab.data.packing import cut_blocks, save_atomic, tokenizer_fingerprint
 from qatlab.errors import require
 
 PROTOCOLS = ("pinned", "gptq", "gptq_c4")
@@ -58,6 +57,8 @@ def protocol_facts(data) -> dict:
 
 def gptq_windows(records: list[str], tokenizer, window: int) -> torch.Tensor:
     """(len // window, window) int64: "\\n\\n".join(records) tokenized in one call, cut into windows."""
+    from qatlab.data.packing import cut_blocks  # here: qatlab.data imports this module
+
     require(window > 0, f"data.eval_block_size={window} must be a positive number of tokens")
     ids = tokenizer("\n\n".join(records), verbose=False)["input_ids"]
     return cut_blocks(torch.tensor(ids, dtype=torch.int64), window)
@@ -91,6 +92,8 @@ def gptq_c4_windows(records: list[str], tokenizer, window: int, n: int = 256, se
 def protocol_windows(protocol: str, records: list[str], tokenizer, window: int, cache_dir: str | None = None,
                      n: int = 256, seed: int = 0, min_tokens: int | None = None) -> torch.Tensor:
     """The windows of a `gptq` / `gptq_c4` split, cached under <cache_dir>/blocks/ like packed blocks."""
+    from qatlab.data.packing import save_atomic, tokenizer_fingerprint
+
     require(protocol in ("gptq", "gptq_c4"), f"data.eval_protocol='{protocol}' has no windows here; use gptq or gptq_c4")
     path = None
     if cache_dir is not None:
