@@ -99,10 +99,24 @@ def check_trainer(trainer: DictConfig) -> None:
 
 def check_data(data: DictConfig) -> None:
     from qatlab.data.corpora import SOURCES
+    from qatlab.eval.protocols import PROTOCOLS
 
     source = data.get("source")
     if source is not None:
         require(source in SOURCES, f"data.source='{source}' is not known; use one of {sorted(SOURCES)}")
+    eval_source = data.get("eval_source")
+    if eval_source is not None:
+        require(eval_source in SOURCES, f"data.eval_source='{eval_source}' is not known; use one of {sorted(SOURCES)} "
+                                        "or null (= data.source)")
+    protocol = data.get("eval_protocol", "pinned")
+    require(protocol in PROTOCOLS, f"data.eval_protocol='{protocol}' is not known; use one of {list(PROTOCOLS)}")
+    for key in ("eval_windows",):
+        if key in data:
+            _positive_int(data[key], f"data.{key}", "windows the gptq_c4 protocol draws, e.g. 256")
+    seed = data.get("eval_seed", 0)
+    require(isinstance(seed, int) and not isinstance(seed, bool), f"data.eval_seed={seed!r} must be an integer")
+    if data.get("eval_min_tokens") is not None:
+        _positive_int(data.eval_min_tokens, "data.eval_min_tokens", "or null for data.eval_block_size")
     for key in ("block_size", "eval_block_size", "batch_size", "eval_batch_size"):
         if key in data:
             _positive_int(data[key], f"data.{key}", "a number of tokens or sequences")
@@ -111,15 +125,17 @@ def check_data(data: DictConfig) -> None:
             _positive_int(data[key], f"data.{key}", "or null for no cap")
     if source == "local":
         check_local_corpus(data.get("source_kwargs") or {})
+    if eval_source == "local":
+        check_local_corpus(data.get("eval_source_kwargs") or {}, "data.eval_source_kwargs")
 
 
-def check_local_corpus(kwargs: DictConfig) -> None:
+def check_local_corpus(kwargs: DictConfig, prefix: str = "data.source_kwargs") -> None:
     """data=local: the files exist, are UTF-8, parse (.jsonl: every line) and hold text: read in full here, so a
     bad byte or line fails before any model loads, naming the file and the line."""
     from qatlab.data.corpora import read_local
 
     splits = kwargs.get("splits") or {}
-    paths = {f"data.source_kwargs.splits.{s}": p for s, p in splits.items()} or {"data.source_kwargs.path": kwargs.get("path")}
+    paths = {f"{prefix}.splits.{s}": p for s, p in splits.items()} or {f"{prefix}.path": kwargs.get("path")}
     for key, path in paths.items():
         require(path is not None, f"{key} is missing; give a .txt/.jsonl file or a folder of .txt files")
         docs = read_local(str(path), kwargs.get("text_field", "text"), key=key)

@@ -39,7 +39,8 @@ def bench_batched(model, tokenizer, args) -> float:
     """Seconds for generate_dataset to write all samples into a fresh folder."""
     cfg = GenerationConfig(num_samples=args.samples, length=args.length, batch_size=args.batch_size,
                            greedy_tokens=args.greedy, temperature=args.temperature, seed=args.seed,
-                           shard_size=args.samples)
+                           shard_size=args.samples, start="random", top_k=None, stop_at_eos=False,
+                           retokenize=False)  # fixed-length samples from random starts: the same work as the loop
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         generate_dataset(model, tokenizer, out, cfg)

@@ -129,7 +129,7 @@ def load_gensim_lee(split: str) -> list[str]:
 
 def load_wikitext2(split: str) -> list[str]:
     """WikiText-2 raw, its lines regrouped into articles (an article starts at a ' = Title = ' line)."""
-    lines = _hub_dataset("wikitext2", "wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    lines = wikitext2_lines(split)
     articles, current = [], []
     for line in lines:
         if re.fullmatch(r" = [^=].* = \n?", line) and current:
@@ -138,6 +138,22 @@ def load_wikitext2(split: str) -> list[str]:
         current.append(line)
     articles.append("".join(current).strip())
     return articles
+
+
+def wikitext2_lines(split: str) -> list[str]:
+    """The dataset's rows as they are (GPTQ's testdata['text']): one line each, blank lines as ''."""
+    return list(_hub_dataset("wikitext2", "wikitext", "wikitext-2-raw-v1", split=split)["text"])
+
+
+# GPTQ's C4 files (IST-DASLab/gptq datautils.get_c4): shard 0 of each split, read whole, in file order.
+C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+
+
+def c4_shard_records(split: str) -> list[str]:
+    """The texts of GPTQ's C4 shard for `split` (test = validation: C4 has no test split)."""
+    hub_split = "train" if split == "train" else "validation"
+    rows = _hub_dataset("c4", "allenai/c4", data_files={hub_split: C4_SHARDS[hub_split]}, split=hub_split)
+    return list(rows["text"])
 
 
 def load_c4(split: str, max_documents: int | None = None) -> list[str]:
@@ -218,6 +234,60 @@ def _read_jsonl(path: Path, text_field: str, key: str = "data.source_kwargs.path
         require(text_field in row, f"{path}:{n} has no field '{text_field}'; set data.source_kwargs.text_field")
         docs.append(str(row[text_field]))
     return docs
+
+
+# ---- raw records (the papers' evaluation protocols) ---------------------------------------------
+
+
+def load_records(source: str, split: str, **kwargs) -> list[str]:
+    """The split's raw records in their order, nothing dropped or regrouped: what the gptq protocols join or
+    sample (qatlab.eval.protocols). wikitext2: the dataset's lines; c4: GPTQ's shard 0; local: the records of
+    a file (read_records); the embedded corpora: their documents."""
+    require(split in SPLITS, f"split='{split}' is not known; use one of {list(SPLITS)}")
+    require(source in SOURCES, f"data.source='{source}' is not known; use one of {sorted(SOURCES)}")
+    if source in ("wikitext2", "c4", "local"):
+        kwargs.pop("cache_dir", None)
+        kwargs.pop("max_documents", None)  # load_c4's option; the protocol reads GPTQ's whole shard
+    if source == "wikitext2":
+        records = wikitext2_lines(split)
+    elif source == "c4":
+        records = c4_shard_records(split)
+    elif source == "local":
+        unknown = sorted(set(kwargs) - {"path", "text_field", "splits"})
+        require(not unknown, f"data.source_kwargs has {unknown}, unknown for source 'local'; "
+                             "valid: ['path', 'splits', 'text_field']")
+        records = local_records(split, **kwargs)
+    else:
+        records = load_documents(source, split, **kwargs)
+    require(any(r.strip() for r in records),
+            f"corpus '{source}' split '{split}' has no text; check its files/options or pick another data.source")
+    return records
+
+
+def local_records(split: str, path: str | None = None, text_field: str = "text",
+                  splits: dict[str, str] | None = None) -> list[str]:
+    """data=local for the gptq protocols: `splits` gives each split its file; one `path` serves every split."""
+    if splits:
+        require(split in splits, f"data.source_kwargs.splits has no '{split}' entry; give a path for each of {SPLITS}")
+        return read_records(splits[split], text_field, key=f"data.source_kwargs.splits.{split}")
+    require(path is not None, "data.source_kwargs.path is missing; give a .txt/.jsonl file or a folder of .txt files")
+    return read_records(path, text_field)
+
+
+def read_records(path: str, text_field: str = "text", key: str = "data.source_kwargs.path") -> list[str]:
+    """Records in the shape of a Hugging Face text dataset: a .jsonl file gives its `text_field` per line
+    (blank values kept); a .txt file gives its lines the way the hub's WikiText builder reads wiki.*.raw
+    (each line with its newline; a blank line as ''), so a local copy of WikiText-2 scores exactly like the
+    hub's; a folder gives one record per .txt file."""
+    p = Path(path).expanduser()
+    require(p.exists(), f"{key}='{path}' does not exist; give a .txt/.jsonl file or a folder of .txt files")
+    if p.is_dir():
+        return [f.read_text(encoding="utf-8") for f in sorted(p.glob("*.txt"))]
+    if p.suffix == ".jsonl":
+        return _read_jsonl(p, text_field)  # blank texts are kept (load_documents drops them)
+    require(p.suffix == ".txt", f"{key}='{path}' is not a .txt or .jsonl file; convert it or pass a folder")
+    with open(p, encoding="utf-8", newline="") as f:
+        return [line if line.strip() else "" for line in f]
 
 
 # ---- helpers ------------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Lightning DataModule: packed token blocks for train (block_size) and validation/test (eval_block_size)."""
+"""Lightning DataModule: packed token blocks for train (block_size) and validation/test (eval_block_size).
+
+Train blocks always follow the pinned packing (qatlab.data.packing). Validation/test windows follow
+`eval_protocol` (qatlab.eval.protocols: pinned | gptq | gptq_c4) on `eval_source` (null = `source`), so a run
+can train on one corpus and be scored on a paper's test set (e.g. data=teacher_generated with
+data.eval_source=wikitext2 data.eval_protocol=gptq data.eval_block_size=2048)."""
 
 from __future__ import annotations
 
@@ -6,10 +11,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from qatlab.data.corpora import load_documents
+from qatlab.data.corpora import load_documents, load_records
 from qatlab.data.logit_cache import CachedBlockDataset
 from qatlab.data.packing import pack_documents
 from qatlab.errors import QatlabError, require
+from qatlab.eval.protocols import PROTOCOLS, protocol_windows
 from qatlab.models.embedded import default_cache_dir
 
 
@@ -45,8 +51,16 @@ class TextDataModule(L.LightningDataModule):
         source_kwargs: dict | None = None,
         cache_dir: str | None = None,
         seed: int = 0,
+        eval_source: str | None = None,
+        eval_source_kwargs: dict | None = None,
+        eval_protocol: str = "pinned",
+        eval_windows: int = 256,
+        eval_seed: int = 0,
+        eval_min_tokens: int | None = None,
     ):
         super().__init__()
+        require(eval_protocol in PROTOCOLS,
+                f"data.eval_protocol='{eval_protocol}' is not known; use one of {list(PROTOCOLS)}")
         for key, value in (("block_size", block_size), ("eval_block_size", eval_block_size),
                            ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             require(value > 0, f"data.{key}={value} must be a positive integer")
@@ -60,6 +74,13 @@ class TextDataModule(L.LightningDataModule):
         self.source_kwargs = dict(source_kwargs or {})
         self.cache_dir = str(cache_dir or default_cache_dir())
         self.seed = seed
+        self.eval_source = eval_source or source
+        # the eval corpus's options: its own when it is another corpus, else the train corpus's
+        self.eval_source_kwargs = dict(eval_source_kwargs or {}) if eval_source else self.source_kwargs
+        self.eval_protocol = eval_protocol
+        self.eval_windows = eval_windows
+        self.eval_seed = eval_seed
+        self.eval_min_tokens = eval_min_tokens
         self.tokenizer = None
         self.teacher_cache = None  # a LogitCache of the train blocks (teacher_cache.enabled): batches carry the teacher's top-k
         self._blocks: dict[str, torch.Tensor] = {}
@@ -85,9 +106,17 @@ class TextDataModule(L.LightningDataModule):
     def _pack(self, split: str) -> torch.Tensor:
         if self.tokenizer is None:
             raise QatlabError("TextDataModule has no tokenizer; call datamodule.set_tokenizer(tokenizer) before setup")
-        docs = load_documents(self.source, split, cache_dir=self.cache_dir, **self.source_kwargs)
-        size = self.block_size if split == "train" else self.eval_block_size
-        blocks = pack_documents(docs, self.tokenizer, size, cache_dir=self.cache_dir)
+        if split == "train":
+            docs = load_documents(self.source, split, cache_dir=self.cache_dir, **self.source_kwargs)
+            blocks = pack_documents(docs, self.tokenizer, self.block_size, cache_dir=self.cache_dir)
+        elif self.eval_protocol == "pinned":
+            docs = load_documents(self.eval_source, split, cache_dir=self.cache_dir, **self.eval_source_kwargs)
+            blocks = pack_documents(docs, self.tokenizer, self.eval_block_size, cache_dir=self.cache_dir)
+        else:
+            records = load_records(self.eval_source, split, cache_dir=self.cache_dir, **self.eval_source_kwargs)
+            blocks = protocol_windows(self.eval_protocol, records, self.tokenizer, self.eval_block_size,
+                                      cache_dir=self.cache_dir, n=self.eval_windows, seed=self.eval_seed,
+                                      min_tokens=self.eval_min_tokens)
         cap = self.caps[split]
         return blocks if cap is None else blocks[:cap]
 
