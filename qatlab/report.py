@@ -27,6 +27,7 @@ def bits_label(row: dict[str, Any]) -> str:
     """'W2A16 g64', 'W4A8KV4', ... as in the tables the runs print."""
     kv = f"KV{row['kv_bits']}" if row.get("kv_bits", 16) < 16 else ""
     group = f" g{row['group_size']}" if row.get("group_size") else ""
+    group += " ternary" if "ternary" in str(row.get("w_grid", "")) else ""  # symmetric restricted 2-bit: 3 levels
     return f"W{row.get('w_bits', '?')}A{row.get('a_bits', '?')}{kv}{group}"
 
 

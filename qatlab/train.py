@@ -187,7 +187,8 @@ def finish(trainer: L.Trainer, recipe: Recipe, student: torch.nn.Module, cfg: Di
     if cfg.get("export"):  # before logging, so test/ppl_packed reaches the loggers too
         try:
             with atomic_dir(out / "export") as tmp:  # a kill mid-export leaves the old export or none, never half
-                written = export_packed(student, tmp, method=recipe.name, facts=recipe.describe(), kv=recipe.kv_config)
+                written = export_packed(student, tmp, method=recipe.name, facts=recipe.describe(), kv=recipe.kv_config,
+                                        kv_placement=recipe.kv_placement)
         except OSError as e:  # e.g. a full disk: keep the numbers, say how to export again without training
             print(results_table(results, cfg))
             write_results(out, {**results, "status": "failed", "error": f"export failed: {e}"}, None)
@@ -253,6 +254,7 @@ def hydra_overrides() -> list[str]:
 def results_table(results: dict[str, Any], cfg: DictConfig) -> str:
     bits = f"W{results.get('w_bits_label', results['w_bits'])}A{results['a_bits']}" + (f"KV{results['kv_bits']}" if results["kv_bits"] < 16 else "")
     group = f" g{results['group_size']}" if results.get("group_size") else ""
+    group += " ternary" if "ternary" in str(results.get("w_grid", "")) else ""  # symmetric restricted 2-bit: 3 levels
     rows = [("teacher", "16", results["test/ppl_teacher"])]
     if "test/ppl_rtn" in results:
         rows.append(("rtn", bits + group, results["test/ppl_rtn"]))

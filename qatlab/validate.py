@@ -331,7 +331,7 @@ def check_loaded(cfg: DictConfig, method: Any, model: torch.nn.Module, tokenizer
         require(not (method.trains and loss is not None and loss.needs_hidden_states),
                 f"loss '{getattr(loss, 'name', '')}' of method '{method.name}' needs the teacher's hidden states, which "
                 "the teacher cache does not hold; set teacher_cache.enabled=false (or loss.hidden_mse=0)")
-    if method.kv_config is not None:
+    if method.kv_config is not None and method.kv_placement.position == "post_rope":
         model_type = getattr(model.config, "model_type", None)
         require(model_type in LAYER_MAPS and getattr(model, "_supports_attention_backend", False),
                 f"method.kv.bits={method.kv_config.bits} needs attention hooks (transformers' attention interface "

@@ -177,7 +177,7 @@ def test_activation_and_kv_quantizers_travel_in_the_manifest(tmp_path, tiny_llam
     assert manifest["kv"]["bits"] == 4 and manifest["kv"]["granularity"] == "token"
     assert all(e["act"]["bits"] == 8 for e in manifest["layers"].values())
     loaded = load_packed(path)
-    assert loaded.config._attn_implementation == "qatlab_kv"
+    assert manifest["kv"]["position"] == "pre_rope" and loaded.model.layers[0].self_attn.qatlab_kv_hooked
     ids = torch.randint(0, 128, (2, 16))
     assert torch.equal(logits(loaded, ids), logits(student, ids))
 

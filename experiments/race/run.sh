@@ -13,7 +13,7 @@ BUDGET=${BUDGET:-40}
 POINTS=${POINTS:-[5,10,20,30,40]}
 EXTRA=${EXTRA:-}
 TASK=${TASK:-race_w2_g64}
-COMMON="results_file=$STORE logger=none callbacks=none trainer.enable_checkpointing=false task_name=$TASK"
+COMMON="results_file=$STORE logger=none callbacks=none +trainer.enable_checkpointing=false task_name=$TASK"
 B="budget.cpu_minutes=$BUDGET budget.points=$POINTS budget.schedule=cosine scheduler=constant trainer.max_steps=1000000 \
    trainer.limit_val_batches=0"
 declare -A RECIPE=(

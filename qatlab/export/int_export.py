@@ -33,6 +33,7 @@ def pack_codes_layer(layer: FakeQuantLinear) -> tuple[dict[str, Tensor], dict[st
         "kind": "codes",
         "shape": [layer.out_features, layer.in_features],
         "group_size": qw.group_size,
+        "scale_shape": list(qw.scale.shape[:2]),  # (rows, G): rows = out, or 1 (per tensor, chunks of the tensor)
         "grid": grid_to_dict(qw.grid),
         "quantizer": layer.weight_quantizer.describe(),
         "act": config_to_dict(layer.act_cfg),

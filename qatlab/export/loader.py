@@ -30,7 +30,7 @@ from qatlab.export.manifest import (MANIFEST, WEIGHTS, check_dtype, config_from_
 from qatlab.export.packed_linear import PackedLinear
 from qatlab.export.packed_onebit import PackedOneBitLinear
 from qatlab.layers.fake_linear import FakeQuantLinear
-from qatlab.layers.kv import enable_kv_quant
+from qatlab.layers.kv import KVPlacement, enable_kv_quant
 from qatlab.layers.swap import swap_linears
 from qatlab.quantizers.activation import DynamicQuantizer
 
@@ -62,11 +62,10 @@ def check_layer_tensors(name: str, entry: dict[str, Any], state: dict[str, Tenso
         _expect(state, f"{name}.g", (width,), "the input-side vector")
         _expect(state, f"{name}.h", (out,), "the output-side vector")
         return
-    group = entry["group_size"]
-    require(isinstance(group, int) and group > 0 and (out * width) % group == 0 and (group == out * width or width % group == 0),
-            f"{MANIFEST}: layer '{name}' group_size={group!r} does not tile its {out} x {width} weight")
-    rows = 1 if group == out * width else out
-    scales = (rows, out * width // (rows * group))
+    group, scales = entry["group_size"], tuple(entry["scale_shape"])
+    require(isinstance(group, int) and group > 0 and len(scales) == 2 and scales[0] * scales[1] * group == out * width,
+            f"{MANIFEST}: layer '{name}' group_size={group!r} with scale_shape {list(scales)} does not tile its "
+            f"{out} x {width} weight")
     codebook = entry["grid"]["kind"] == "codebook"
     _expect(state, f"{name}.scales", scales + ((2,) if codebook else ()), f"one scale per group of {group}")
     if f"{name}.zeros" in state:
@@ -132,5 +131,7 @@ def load_packed(path: str | Path, dtype: str | None = None, device: str | torch.
     require(not missing and not unexpected,
             f"export and model disagree: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
     if manifest.get("kv"):
-        enable_kv_quant(model, config_from_dict(manifest["kv"]))
+        kv = dict(manifest["kv"])
+        placement = KVPlacement(kv.pop("position", "post_rope"), kv.pop("scope", "per_head"))
+        enable_kv_quant(model, config_from_dict(kv), placement)
     return model.to(device).eval().requires_grad_(False)

@@ -48,7 +48,7 @@ HF_CONFIG = "config.json"
 MODEL_TYPE_MARKER = "qatlab-packed: load this folder with qatlab.export.load_packed(path), not from_pretrained"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REQUIRED = ("format", "dtype", "layers", "kv", "tied")
-ENTRY_KEYS = {"codes": ("shape", "group_size", "grid", "act"), "onebit": ("shape", "norm_affine", "norm_eps"),
+ENTRY_KEYS = {"codes": ("shape", "group_size", "scale_shape", "grid", "act"), "onebit": ("shape", "norm_affine", "norm_eps"),
               "dense": ("shape", "act")}
 
 

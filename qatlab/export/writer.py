@@ -9,6 +9,7 @@ so the loader can tell a changed manifest or a damaged file from a good one.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from qatlab.export.int_export import pack_codes_layer
 from qatlab.export.manifest import (WEIGHTS, check_dtype, config_to_dict, header_copy, manifest_fields,
                                     tensor_digest, write_hf_config, write_manifest)
 from qatlab.export.onebit import pack_onebit_layer
+from qatlab.layers.kv import KVPlacement
 from qatlab.layers.fake_linear import FakeQuantLinear
 from qatlab.layers.onebit_linear import OneBitLinear
 from qatlab.quantizers.spec import QuantConfig
@@ -42,7 +44,8 @@ def pack_layer(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]] | 
 
 @torch.no_grad()
 def export_packed(student: nn.Module, path: str | Path, dtype: str = "float16", method: str = "",
-                  facts: dict[str, Any] | None = None, kv: QuantConfig | None = None) -> Path:
+                  facts: dict[str, Any] | None = None, kv: QuantConfig | None = None,
+                  kv_placement: KVPlacement | None = None) -> Path:
     """Write folder `path` (created): config.json, model.safetensors, qatlab.json; returns it.
 
     dtype: storage dtype of every floating tensor (scales, g/h, embeddings, norms); float32 keeps the
@@ -70,7 +73,9 @@ def export_packed(student: nn.Module, path: str | Path, dtype: str = "float16", 
     stored = {k: _stored(v, float_dtype) for k, v in state.items()}
     facts = facts or {}
     manifest = manifest_fields(method=method, bits=facts.get("w_bits"), group_size=facts.get("group_size"),
-                               dtype=dtype, layers=layers, kv=config_to_dict(kv), tied=tied, facts=facts,
+                               dtype=dtype, layers=layers, tied=tied, facts=facts,
+                               kv=None if kv is None else {**config_to_dict(kv),
+                                                           **dataclasses.asdict(kv_placement or KVPlacement())},
                                tensors={k: tensor_digest(t) for k, t in stored.items()})
     with atomic_path(path / WEIGHTS) as tmp:
         save_file(stored, str(tmp), metadata={"qatlab_layers": header_copy(manifest)})

@@ -57,6 +57,8 @@ class FakeQuantLinear(nn.Module):
         for cfg in (weight_cfg, act_cfg):
             if cfg is not None:
                 cfg.check_width(linear.in_features, name)
+        if weight_cfg is not None:
+            weight_cfg.check_numel(linear.weight.numel(), name)
         wq = None if weight_cfg is None else quantizer(weight_cfg, linear.weight)
         aq = None if act_cfg is None else DynamicQuantizer(act_cfg)
         return cls(linear.weight, linear.bias, wq, aq)

@@ -36,6 +36,9 @@ def scale_shape(spec: QuantConfig, shape: torch.Size | tuple[int, int]) -> tuple
     out, width = shape
     if spec.granularity == "tensor":
         return 1, 1
+    if spec.granularity == "chunks":  # chunks of the flattened weight: one row of qparams, G of them
+        spec.check_numel(out * width)
+        return 1, spec.num_groups
     if spec.granularity == "group":
         spec.check_width(width)
         return out, width // spec.group_size

@@ -17,18 +17,27 @@ from torch import Tensor
 
 from qatlab.quantizers.base import WeightQuantizer, affine_grid
 from qatlab.quantizers.codes import Grid, QuantizedWeight
-from qatlab.quantizers.primitives import fake_quantize, quantize
+from qatlab.errors import require
+from qatlab.quantizers.primitives import fake_quantize, fake_quantize_scale_grad, quantize
 from qatlab.quantizers.spec import QuantConfig
 
 
 class MinMax(WeightQuantizer):
-    """Any MinMax int grid (the spec's bits, symmetry, range, granularity); no parameters."""
+    """Any MinMax int grid (the spec's bits, symmetry, range, granularity); no parameters.
 
-    def __init__(self, spec: QuantConfig, weight: Tensor) -> None:
+    scale_grad=True: the gradient also flows through the scale (the group's min/max are not detached), as
+    BitDistiller's quantizers do; the values are the same either way."""
+
+    def __init__(self, spec: QuantConfig, weight: Tensor, *, scale_grad: bool = False) -> None:
         super().__init__(spec, weight.shape)
+        require(isinstance(scale_grad, bool), f"quantizer.scale_grad={scale_grad!r} must be true or false")
+        self.scale_grad = scale_grad
 
     def forward(self, w: Tensor) -> Tensor:
-        return fake_quantize(w, self.spec)
+        return fake_quantize_scale_grad(w, self.spec) if self.scale_grad else fake_quantize(w, self.spec)
+
+    def describe(self) -> str:
+        return self.spec.describe() + (" (gradient through the scale)" if self.scale_grad else "")
 
     def grid(self) -> Grid:
         return affine_grid(self.spec)
@@ -66,10 +75,11 @@ class Binary(MinMax):
         return qw
 
 
-def minmax(spec: QuantConfig, weight: Tensor) -> MinMax:
+def minmax(spec: QuantConfig, weight: Tensor, *, scale_grad: bool = False) -> MinMax:
     """The MinMax quantizer `spec` describes (the default factory: `quantizer=minmax`)."""
     if spec.nf:
-        return NormalFloat(spec, weight)
+        return NormalFloat(spec, weight, scale_grad=scale_grad)
     if spec.binary:
+        require(not scale_grad, "quantizer.scale_grad applies to int and NF grids, not 1-bit")
         return Binary(spec, weight)
-    return MinMax(spec, weight)
+    return MinMax(spec, weight, scale_grad=scale_grad)

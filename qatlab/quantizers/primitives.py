@@ -48,6 +48,9 @@ def group_view(x: Tensor, cfg: QuantConfig) -> Tensor:
     """
     if cfg.granularity == "tensor":
         return x.reshape(1, -1)
+    if cfg.granularity == "chunks":  # DeepSpeed's input.reshape(num_groups, -1)
+        cfg.check_numel(x.numel())
+        return x.reshape(cfg.num_groups, -1)
     if cfg.granularity in ("channel", "token"):
         return x.reshape(-1, x.shape[-1])
     cfg.check_width(x.shape[-1], layer="")
@@ -68,11 +71,21 @@ def compute_qparams(xg: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor | None
     if cfg.symmetric:
         amax = xg.abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
         return amax / (-cfg.qmin if cfg.full_range else cfg.qmax), None
-    lo = xg.amin(dim=-1, keepdim=True).clamp_max(0.0)
-    hi = xg.amax(dim=-1, keepdim=True).clamp_min(0.0)
+    lo, hi = minmax_range(xg, cfg)
     scale = ((hi - lo) / cfg.qmax).clamp_min(EPS)
     zero = torch.round(-lo / scale).clamp(0, cfg.qmax)
     return scale, zero
+
+
+def minmax_range(xg: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor]:
+    """(lo, hi) per row of a grouped view: the group's min and max, widened to include 0 when cfg.widen."""
+    lo, hi = xg.amin(dim=-1, keepdim=True), xg.amax(dim=-1, keepdim=True)
+    return (lo.clamp_max(0.0), hi.clamp_min(0.0)) if cfg.widen else (lo, hi)
+
+
+def round_codes(x: Tensor, cfg: QuantConfig) -> Tensor:
+    """x to the nearest integer by cfg.rounding: halves to even (torch.round) or away from zero."""
+    return torch.round(x) if cfg.rounding == "half_even" else torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
 def _nf_scales(xg: Tensor, cfg: QuantConfig) -> Tensor:
@@ -100,7 +113,7 @@ def _codes_and_mask(
     if cfg.binary:
         codes = (xg >= 0).float()
         return codes, torch.ones_like(xg, dtype=torch.bool)  # sign() clips nothing
-    raw = torch.round(xg / scale)
+    raw = round_codes(xg / scale, cfg)
     if zero is not None:
         raw = raw + zero
     codes = raw.clamp(cfg.qmin, cfg.qmax)
@@ -208,3 +221,58 @@ def fake_quantize(
     if cfg is None:
         return x
     return FakeQuantSTE.apply(x, cfg, scale, zero)
+
+
+class _RoundCodes(torch.autograd.Function):
+    """round_codes forward (exact values), identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cfg: QuantConfig) -> Tensor:
+        return round_codes(x, cfg)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _NFRound(torch.autograd.Function):
+    """The nearest NF codebook value forward, identity backward (BitDistiller's round_pass)."""
+
+    @staticmethod
+    def forward(ctx, xn: Tensor, bits: int) -> Tensor:
+        return nf_codebook(bits, xn.device)[nf_round(xn, bits)]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def fake_quantize_scale_grad(x: Tensor, cfg: QuantConfig) -> Tensor:
+    """MinMax fake quantization whose gradient also flows through the scale: min/max (or max|x|) are not
+    detached, as in BitDistiller's SteInt2AsymQuantizer / SteN2F3Quantizer (the rounding is straight-through,
+    torch.clamp masks what it clips). The same values as fake_quantize, bit for bit.
+    x: any shape; the grouped view (rows, g) as group_view."""
+    xg = group_view(x, cfg).float()
+    if cfg.nf:
+        if cfg.symmetric:
+            s_neg = s_pos = xg.abs().amax(-1, keepdim=True).clamp_min(EPS)
+        else:
+            s_neg = (-xg.amin(-1, keepdim=True)).clamp_min(EPS)
+            s_pos = xg.amax(-1, keepdim=True).clamp_min(EPS)
+        halves = torch.where(xg < 0, s_neg, s_pos)
+        v = _NFRound.apply(xg / halves, cfg.bits)
+        return (v * torch.where(v.detach() < 0, s_neg, s_pos)).reshape(x.shape).to(x.dtype)
+    require(not cfg.binary, f"{cfg.name}: the scale-gradient quantizer covers int and NF grids, not binary")
+    if cfg.symmetric:
+        amax = xg.abs().amax(-1, keepdim=True).clamp_min(EPS)
+        scale, zero = amax / (-cfg.qmin if cfg.full_range else cfg.qmax), None
+    else:
+        lo, hi = minmax_range(xg, cfg)
+        scale = ((hi - lo) / cfg.qmax).clamp_min(EPS)
+        zero = torch.round(-lo / scale).clamp(0, cfg.qmax).detach()  # round: no gradient, as in the reference
+    raw = _RoundCodes.apply(xg / scale, cfg)
+    if zero is not None:
+        raw = raw + zero
+    codes = raw.clamp(cfg.qmin, cfg.qmax)
+    values = codes * scale if zero is None else (codes - zero) * scale
+    return values.reshape(x.shape).to(x.dtype)

@@ -13,10 +13,11 @@ from typing import Mapping
 
 from qatlab.errors import QatlabError, require
 
-GRANULARITIES = ("tensor", "channel", "group", "token")
+GRANULARITIES = ("tensor", "channel", "group", "token", "chunks")
 GRIDS = ("int", "nf")
 RANGES = ("restricted", "full")
 STES = ("clipped", "identity")
+ROUNDINGS = ("half_even", "half_away")
 NF_BITS = (2, 3, 4)  # normal-float codebooks (qatlab.quantizers.nf_grid) exist for these widths
 
 
@@ -29,6 +30,8 @@ class QuantConfig:
       channel - one per row: per output channel for a weight (out, in), per token for activations
       token   - alias of channel, reads better for activations
       group   - one per `group_size` consecutive elements of a row
+      chunks  - `num_groups` equal chunks of the FLATTENED tensor (DeepSpeed's quantize_groups, which ZeroQuant's
+                reference uses: 64 groups of a 4096 x 4096 weight are 64 rows each)
 
     range (symmetric int grids of 2+ bits):
       restricted - codes -(2^(b-1)-1)..2^(b-1)-1, symmetric around 0 (LLM-QAT). At 2 bits: TERNARY {-1, 0, 1}.
@@ -40,11 +43,15 @@ class QuantConfig:
     symmetric: bool = True
     granularity: str = "group"
     group_size: int | None = 128
+    num_groups: int | None = None  # granularity=chunks: how many chunks share the tensor
     grid: str = "int"  # int: evenly spaced codes; nf: normal-float codebook (see qatlab.quantizers.nf_grid)
     range: str = "restricted"  # symmetric int grids: restricted (-qmax..qmax) | full (-2^(b-1)..2^(b-1)-1)
     # The straight-through gradient of MinMax fake quantization (learned quantizers define their own):
     ste: str = "clipped"  # clipped: zero where the clamp changed x | identity: pass everywhere (DeepSpeed/ZeroQuant)
     grad_clip: float | None = None  # also zero it where |x| >= grad_clip (LLM-QAT's reference: 2.0)
+    rounding: str = "half_even"  # half_even: torch.round | half_away: sign(x) floor(|x| + 0.5) (BitDistiller's Round)
+    widen: bool = True  # asymmetric MinMax: widen [min, max] to include 0 (GPTQ, qatlab) | false: the group's own
+                        # min and max (BitDistiller, EfficientQAT)
     name: str = field(default="weight", compare=False)  # only used to prefix error messages
 
     def __post_init__(self) -> None:
@@ -72,6 +79,8 @@ class QuantConfig:
         g = self.grad_clip
         require(g is None or (isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g > 0),
                 f"{n}.grad_clip={g!r} must be a positive number (|x| at or beyond it gets no gradient) or null")
+        require(self.rounding in ROUNDINGS, f"{n}.rounding={self.rounding!r} is not supported; use one of {', '.join(ROUNDINGS)}")
+        require(isinstance(self.widen, bool), f"{n}.widen={self.widen!r} must be true or false")
         require(self.range in RANGES, f"{n}.range={self.range!r} is not supported; use one of {', '.join(RANGES)}")
         require(
             self.range == "restricted" or (self.symmetric and self.grid == "int" and self.bits >= 2),
@@ -83,6 +92,12 @@ class QuantConfig:
         )
 
     def _check_group_size(self) -> None:
+        if self.granularity != "chunks":
+            object.__setattr__(self, "num_groups", None)
+        else:
+            g = self.num_groups
+            require(isinstance(g, int) and not isinstance(g, bool) and g > 0,
+                    f"{self.name}.num_groups={g!r} must be a positive integer when granularity=chunks (e.g. 64)")
         if self.granularity != "group":
             object.__setattr__(self, "group_size", None)  # ignored, so don't let it affect equality
             return
@@ -147,16 +162,23 @@ class QuantConfig:
             kind += " ternary"
         elif self.full_range:
             kind += " full"
-        gran = f"group{self.group_size}" if self.granularity == "group" else self.granularity
+        gran = {"group": f"group{self.group_size}", "chunks": f"{self.num_groups} chunks"}.get(self.granularity,
+                                                                                              self.granularity)
         return f"{self.bits}-bit {kind} {gran}"
 
     def storage_bits(self, rows: int, width: int) -> int:
         """Bits to store a (rows, width) weight at this setting: the codes plus fp16 scales (and zero
         points when asymmetric; NF's asymmetric form stores two half-scales instead, same count)."""
         per_row = {"group": width // self.group_size if self.group_size else 1, "channel": 1, "token": 1}
-        scales = 1 if self.granularity == "tensor" else rows * per_row[self.granularity]
+        scales = {"tensor": 1, "chunks": self.num_groups}.get(self.granularity) or rows * per_row[self.granularity]
         params_per_scale = 1 if self.symmetric or self.binary else 2
         return rows * width * self.bits + scales * params_per_scale * 16
+
+    def check_numel(self, numel: int, layer: str = "") -> None:
+        """Fail early when num_groups does not divide a tensor of `numel` elements (granularity=chunks)."""
+        where = f" of layer '{layer}'" if layer else ""
+        require(self.granularity != "chunks" or numel % self.num_groups == 0,
+                f"{self.name}.num_groups={self.num_groups} does not divide the {numel} weights{where}; choose a divisor")
 
     def check_width(self, width: int, layer: str = "") -> None:
         """Fail early when group_size does not divide a row of length `width`."""

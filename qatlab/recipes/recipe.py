@@ -13,6 +13,7 @@ and asks it for facts (describe, bits_per_weight) and for its RTN baseline (same
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import nn
 from qatlab.errors import require
 from qatlab.inits.base import Init
 from qatlab.layers.fake_linear import FakeQuantLinear
-from qatlab.layers.kv import enable_kv_quant
+from qatlab.layers.kv import KVPlacement, enable_kv_quant
 from qatlab.layers.swap import assign_weight_configs, find_linears, quantize_model, swap_linears
 from qatlab.losses.objectives import Loss
 from qatlab.quantizers.base import QuantizerFactory
@@ -55,6 +56,8 @@ class Recipe:
         }
         # Activations and K/V are quantized per token unless the config says otherwise.
         self.act_config = QuantConfig.from_dict(_per_token(activation), "method.activation")
+        kv = None if kv is None else dict(kv)
+        self.kv_placement = None if kv is None else KVPlacement(kv.pop("position", "pre_rope"), kv.pop("scope", "all_heads"))
         self.kv_config = QuantConfig.from_dict(_per_token(kv), "method.kv")
         self.include = list(include) if include else None
         self.exclude = list(exclude)
@@ -90,7 +93,7 @@ class Recipe:
                 weight_overrides=self.weight_override_configs, quantizer=self.quantizer,
             )
         if self.kv_config is not None:
-            enable_kv_quant(student, self.kv_config)
+            enable_kv_quant(student, self.kv_config, self.kv_placement)
         return self.quantized_layers
 
     def layers(self, student: nn.Module) -> dict[str, nn.Module]:
@@ -125,6 +128,7 @@ class Recipe:
             "w_granularity": w.granularity if w else None,
             "w_symmetric": w.symmetric if w else None,
             "w_grid": w.describe() if w else "full precision",
+            **({"kv_position": self.kv_placement.position, "kv_scope": self.kv_placement.scope} if kv else {}),
             "quantized_layers": len(self.quantized_layers),
             "quantizer": _describe(self.quantizer),
             "init": self.init.name if self.init else None,
@@ -154,8 +158,9 @@ class Recipe:
 
     def rtn(self) -> Recipe:
         """The RTN baseline: the same specs and layers, MinMax quantizer, no init, no training."""
+        kv = None if self.kv_config is None else {**self.kv_config.to_dict(), **dataclasses.asdict(self.kv_placement)}
         return Recipe("rtn", weight=_as_dict(self.weight_config), activation=_as_dict(self.act_config),
-                      kv=_as_dict(self.kv_config), include=self.include, exclude=self.exclude,
+                      kv=kv, include=self.include, exclude=self.exclude,
                       weight_overrides=self.weight_overrides)
 
     # -- resume ---------------------------------------------------------------------------------------
