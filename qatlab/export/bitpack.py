@@ -56,3 +56,25 @@ def unpack_codes(words: Tensor, bits: int, n: int) -> Tensor:
     codes = (shifted & (2**bits - 1)).reshape(*words.shape[:-1], -1)
     require(codes.shape[-1] >= n, f"{words.shape[-1]} words hold {codes.shape[-1]} codes, fewer than n={n}")
     return codes[..., :n].to(torch.uint8)
+
+
+def pack_dense(codes: Tensor, bits: int) -> Tensor:
+    """(rows, n) codes in [0, 2^bits) -> (rows, ceil(n * bits / 32)) int32, with NO unused bits: element i of a row
+    is bits [i * bits, (i + 1) * bits) of the row's bit stream, least significant first, straddling two words where
+    it must (compressed-tensors' pack-quantized layout; for bits 1, 2, 4, 8 it equals `pack_codes`)."""
+    require(not codes.is_floating_point() and codes.dim() == 2, f"pack_dense takes (rows, n) integer codes, not {codes.dtype} {tuple(codes.shape)}")
+    codes_per_word(bits)
+    codes = codes.to(torch.int64)
+    if codes.numel():
+        require(int(codes.min()) >= 0 and int(codes.max()) < 2**bits, f"codes must lie in [0, {2**bits - 1}] to pack into {bits} bits")
+    rows, n = codes.shape
+    chunks = -(-n // WORD_BITS)  # 32 codes fill exactly `bits` words
+    codes = torch.nn.functional.pad(codes, (0, chunks * WORD_BITS - n)).reshape(rows, chunks, WORD_BITS)
+    start = torch.arange(WORD_BITS, device=codes.device, dtype=torch.int64) * bits  # bit offset of each code
+    word, offset = start // WORD_BITS, start % WORD_BITS
+    words = torch.zeros(rows, chunks, bits + 1, dtype=torch.int64, device=codes.device)  # +1: spill of the last code
+    words.scatter_add_(2, word.expand(rows, chunks, -1), (codes << offset) & 0xFFFFFFFF)
+    spill = codes >> (WORD_BITS - offset)  # the high bits that cross into the next word (0 where none do)
+    words.scatter_add_(2, (word + 1).expand(rows, chunks, -1), torch.where(offset + bits > WORD_BITS, spill, 0))
+    words = words[..., :bits].reshape(rows, -1)[:, : -(-n * bits // WORD_BITS)]
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # disjoint bits: the sum is the or
