@@ -51,6 +51,10 @@ SAFE_ON_RESUME = (
     "callbacks.progress_bar.*",
     "callbacks.lr_monitor.*",
     "callbacks.model_checkpoint.every_n_train_steps",
+    "export",  # what ships and how it is scored: written after training (resume=auto exports without training again)
+    "export_options.*",
+    "eval.exports",
+    "eval.packed",
 )
 
 

@@ -25,7 +25,7 @@ from qatlab.errors import QatlabError, RunFailed, require
 from qatlab.eval.perplexity import perplexity
 from qatlab.eval.table import markdown_table
 from qatlab.eval import zero_shot
-from qatlab.export import export_packed, load_packed
+from qatlab.export import ship
 from qatlab.models import load_causal_lm
 from qatlab.recipes import Recipe, build_recipe
 from qatlab.stages import StageContext
@@ -66,6 +66,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     clock = CPUClock()  # compute spent on the recipe: init and every stage, evaluation paused out
     init_facts = recipe.initialize(student, teacher, calibration_batches(datamodule, cfg.init_batches))
     log.info("quantized %d layers with %s", len(recipe.quantized_layers), recipe.describe())
+    ship.plan(ship.options_from(cfg), student)  # a format that cannot hold this grid fails now, not after training
 
     test_blocks = datamodule.test_blocks()
     results: dict[str, Any] = {**recipe.describe(student), **init_facts, "model": cfg.model.name_or_path}
@@ -96,7 +97,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     results["test/windows"] = len(test_blocks)
     results["time/wall_s"] = round(time.time() - started, 1)
 
-    finish(trainer, recipe, student, cfg, results, test_blocks)
+    finish(trainer, recipe, student, cfg, results, test_blocks, tokenizer)
     return results
 
 
@@ -178,27 +179,19 @@ def log_config(trainer: L.Trainer, cfg: DictConfig) -> None:
 
 
 def finish(trainer: L.Trainer, recipe: Recipe, student: torch.nn.Module, cfg: DictConfig,
-           results: dict[str, Any], test_blocks: torch.Tensor) -> None:
-    """Optionally export (and score the export); print the table, write results.json and the results row (in that
+           results: dict[str, Any], test_blocks: torch.Tensor, tokenizer: Any = None) -> None:
+    """Optionally export (and score the exports); print the table, write results.json and the results row (in that
     order: a failing write cannot lose the numbers), log final metrics. A non-finite PPL records the run as failed."""
     results["bits_per_weight"] = round(recipe.bits_per_weight(student), 4)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.get("export"):  # before logging, so test/ppl_packed reaches the loggers too
-        try:
-            with atomic_dir(out / "export") as tmp:  # a kill mid-export leaves the old export or none, never half
-                written = export_packed(student, tmp, method=recipe.name, facts=recipe.describe(), kv=recipe.kv_config,
-                                        kv_placement=recipe.kv_placement)
-        except OSError as e:  # e.g. a full disk: keep the numbers, say how to export again without training
-            print(results_table(results, cfg))
-            write_results(out, {**results, "status": "failed", "error": f"export failed: {e}"}, None)
-            raise QatlabError(f"export to '{out / 'export'}' failed ({e.strerror or e}); the run's numbers are in "
-                              f"{out / 'results.json'} and the table above; make room, then rerun with resume=auto "
-                              "(its last.ckpt holds the trained student: no training again)") from None
-        results["export_dir"] = str(out / "export" / Path(written).relative_to(tmp))
-        if cfg.eval.get("packed"):  # evaluate what you ship: the loaded packed model
-            packed = load_packed(results["export_dir"], dtype=cfg.model.student_dtype)
-            results["test/ppl_packed"] = evaluate(packed, test_blocks, cfg, "packed")
+    options = ship.options_from(cfg)
+    if options.formats:  # before logging, so test/ppl_<format> reaches the loggers too
+        written = export(recipe, student, cfg, options, results, tokenizer)
+        for fmt in ship.scored(options, cfg.eval.get("exports"), cfg.eval.get("packed")):  # evaluate what you ship: each export as its consumer loads it
+            model = ship.load(fmt, written[fmt], dtype=cfg.model.student_dtype)
+            results[f"test/ppl_{fmt}"] = evaluate(model, test_blocks, cfg, fmt)
+            del model
     failure = nonfinite_failure(results)
     if failure:
         results.update(status="failed", error=failure)
@@ -212,6 +205,28 @@ def finish(trainer: L.Trainer, recipe: Recipe, student: torch.nn.Module, cfg: Di
         logger.finalize("failed" if failure else "success")
     if failure:
         raise RunFailed(failure)
+
+
+def export(recipe: Recipe, student: torch.nn.Module, cfg: DictConfig, options: ship.ExportOptions,
+           results: dict[str, Any], tokenizer: Any) -> dict[str, Path]:
+    """Write every format of `export=` into <output_dir>/export (checked first: a refusal writes nothing)."""
+    out = Path(cfg.paths.output_dir)
+    plans = ship.plan(options, student)
+    facts = recipe.describe()
+    try:
+        with atomic_dir(out / "export") as tmp:  # a kill mid-export leaves the old export or none, never half
+            ship.write(options, plans, student, tmp, method=recipe.name, facts=facts, kv=recipe.kv_config,
+                       kv_placement=recipe.kv_placement, tokenizer=tokenizer, card_results=results)
+    except OSError as e:  # e.g. a full disk: keep the numbers, say how to export again without training
+        print(results_table(results, cfg))
+        write_results(out, {**results, "status": "failed", "error": f"export failed: {e}"}, None)
+        raise QatlabError(f"export to '{out / 'export'}' failed ({e.strerror or e}); the run's numbers are in "
+                          f"{out / 'results.json'} and the table above; make room, then rerun with resume=auto "
+                          "(its last.ckpt holds the trained student: no training again)") from None
+    written = {fmt: out / "export" / ship.subdir(fmt) for fmt in options.formats}
+    results["export_dir"] = str(out / "export")
+    results["export_formats"] = list(options.formats)
+    return written
 
 
 def run_context(cfg: DictConfig, trainer: L.Trainer | None) -> dict[str, Any]:

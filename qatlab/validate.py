@@ -48,6 +48,7 @@ def validate_config(cfg: DictConfig) -> ResumeFrom | None:
     check_optimizer(cfg.get("optimizer"), cfg.get("scheduler"))
     check_teacher_cache(cfg.get("teacher_cache"))
     check_checkpoint(cfg.get("checkpoint"))
+    check_exports(cfg)
     warn_risky(cfg)
     resume = check_resume(cfg)
     check_outputs(cfg)
@@ -222,6 +223,13 @@ def check_checkpoint(checkpoint: DictConfig | None) -> None:
         require(isinstance(checkpoint.get(key, True), bool), f"checkpoint.{key}={checkpoint.get(key)!r} must be true or false")
     unknown = sorted(set(checkpoint) - {"every_minutes", "at_end", "on_signal"})
     require(not unknown, f"checkpoint has {unknown}, unknown keys; valid: ['at_end', 'every_minutes', 'on_signal']")
+
+
+def check_exports(cfg: DictConfig) -> None:
+    """export= names known formats, export_options are valid, eval.exports scores only formats that are written."""
+    from qatlab.export import ship
+
+    ship.scored(ship.options_from(cfg), cfg.eval.get("exports"), cfg.eval.get("packed"))
 
 
 # ---- where the run writes ------------------------------------------------------------------------

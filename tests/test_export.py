@@ -11,7 +11,7 @@ from torch import nn
 from qatlab.errors import QatlabError
 from qatlab.export import export_packed, load_packed, storage_report
 from qatlab.export.bitpack import codes_per_word, pack_codes, packed_width, unpack_codes
-from qatlab.export.dense import export_dense
+from qatlab.export.hf import export_hf
 from qatlab.export.int_export import pack_codes_layer
 from qatlab.export.manifest import FORMAT, MANIFEST, WEIGHTS, grid_from_dict
 from qatlab.export.packed_linear import PackedLinear
@@ -243,7 +243,7 @@ def test_dense_export_is_still_available(tmp_path, tiny_llama_model):
         for layer in student.modules():
             if isinstance(layer, FakeQuantLinear):
                 layer.weight_quantizer.scale.mul_(1.2)  # learned steps: the dense weights must be the quantizer's
-    reloaded = AutoModelForCausalLM.from_pretrained(export_dense(student, tmp_path)).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(export_hf(student, tmp_path)).eval()
     ids = torch.randint(0, 128, (2, 16))
     torch.testing.assert_close(logits(reloaded, ids), logits(student, ids), rtol=0, atol=1e-5)
 

@@ -57,7 +57,7 @@ def kill_points(seed: int) -> list[tuple[str, str, str, int]]:
         ("checkpoint write", "torch:save", "torn", rng.randint(2, 3)),
         ("training", "qatlab.stages.qat_module:QATModule.training_step", "before", rng.randint(2, 3)),
         ("evaluation", "qatlab.train:perplexity", "before", 2),  # call 1 is the teacher's, 2 the student's
-        ("export", "qatlab.train:export_packed", "after", 1),  # written, not yet swapped in
+        ("export", "qatlab.export.ship:export_packed", "after", 1),  # written, not yet swapped in
         ("results writing", "qatlab.results:append_row", "before", 1),  # results.json written, the row not yet
     ]
 

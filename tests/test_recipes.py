@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qatlab.errors import QatlabError
-from qatlab.export.dense import export_dense
+from qatlab.export.hf import export_hf
 from qatlab.layers import FakeQuantLinear
 from qatlab.losses import CAKLD, ForwardKL
 from qatlab.quantizers import LSQ, MinMax
@@ -81,7 +81,7 @@ def test_a_null_override_leaves_those_layers_dense_and_the_row_says_so(tiny_llam
 def test_dense_export_reproduces_the_student(tmp_path, tiny_llama_model):
     recipe = compose_recipe("rtn", ["method.weight.bits=3", "method.weight.group_size=32"])
     student = make_student(tiny_llama_model, recipe, "float32")
-    path = export_dense(student, tmp_path / "export", recipe.describe())
+    path = export_hf(student, tmp_path / "export", recipe.describe())
     reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():

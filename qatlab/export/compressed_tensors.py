@@ -3,13 +3,13 @@
 compressed-tensors stores an int grid as w = (q - zp) * scale with SIGNED codes q in [-2^(b-1), 2^(b-1) - 1] and
 integer zero points; qatlab's grids map onto it without changing a value (qatlab.export.int_form): symmetric
 codes (restricted or full range) are already signed, an asymmetric grid's codes 0..2^b-1 and zero z become
-q - 2^(b-1) and z - 2^(b-1). With export_dtype=float32 the reloaded weights equal the student's bit for bit (the
+q - 2^(b-1) and z - 2^(b-1). With export_options.dtype=float32 the reloaded weights equal the student's bit for bit (the
 same fp32 product); float16/bfloat16 round each scale once.
 
 Layout (what the compressors of compressed-tensors 0.20 read), layer L, weight (out, in), G groups per row:
   pack-quantized (weight-only, and weights under 8 bits with 8-bit activations):
     L.weight_packed       (out, ceil(in * b / 32)) int32, q + 2^(b-1) densely packed (qatlab.export.bitpack.pack_dense)
-    L.weight_scale        (out, G) export_dtype          strategy group (G = in / group_size) or channel (G = 1)
+    L.weight_scale        (out, G) export_options.dtype          strategy group (G = in / group_size) or channel (G = 1)
     L.weight_zero_point   (ceil(out * b / 32), G) int32  asymmetric only: zp + 2^(b-1) packed along the rows
     L.weight_shape        (2,) int64 [out, in]
   int-quantized (8-bit weights with 8-bit per-token activations, W8A8):
@@ -17,7 +17,7 @@ Layout (what the compressors of compressed-tensors 0.20 read), layer L, weight (
 config.json carries `quantization_config` (quant_method compressed-tensors, one config group per scheme, format,
 quantization_status compressed, ignore: every Linear left in float, lm_head included). Activations: dynamic
 per-token int8 (`input_activations`), the only activation scheme written; K/V quantization is refused (vLLM's
-int K/V cache is not per-token dynamic), unless export_weights_only=true.
+int K/V cache is not per-token dynamic), unless export_options.weights_only=true.
 
 Serving: vLLM runs 4- and 8-bit weight-only schemes (W4A16/W8A16, group or channel) and W8A8 int8 with per-channel
 weights; the other bit widths load in transformers (exactly) but not in vLLM.
@@ -81,7 +81,7 @@ def check_compressed_tensors(student: nn.Module, survey: Survey, weights_only: b
     if survey.kv is not None and not weights_only:
         refuse(f"compressed_tensors: the student quantizes its K/V cache per token ({survey.kv.describe()}); "
                "compressed-tensors' kv_cache_scheme is a static per-tensor scale, so it would not compute the same: "
-               "set method.kv=null, or export_weights_only=true to ship weights and activations without it")
+               "set method.kv=null, or export_options.weights_only=true to ship weights and activations without it")
     conv1d = conv1d_layers(student)
     plan = {}
     for name, qw in survey.weights.items():
@@ -108,7 +108,7 @@ def check_compressed_tensors(student: nn.Module, survey: Survey, weights_only: b
             if not weights_only:
                 refuse(f"{where} quantizes its inputs with {act.describe()}; compressed-tensors' dynamic activation "
                        "scheme written here is 8-bit per token: set method.activation.bits=8 "
-                       "method.activation.granularity=token, or export_weights_only=true")
+                       "method.activation.granularity=token, or export_options.weights_only=true")
             act = None
         plan[name] = CTLayer(form, bits, act)
     return plan

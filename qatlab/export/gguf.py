@@ -14,7 +14,7 @@ The codes are the student's (nothing is re-quantized); the scale d (and Q4_1's m
 to fp16 by the format: |w_gguf - w| <= 2^-11 |w| per weight for d (Q4_1 also adds m's rounding, at most
 2^-11 |m|). `gguf_type=auto` picks the smallest exact type per layer (mixed types per tensor are allowed in
 GGUF); an explicit type is refused, before anything is written, for a layer it cannot hold exactly, naming the
-layer, its grid and the nearest exact training grid. Embeddings, unquantized layers: export_dtype (F32/F16/BF16);
+layer, its grid and the nearest exact training grid. Embeddings, unquantized layers: export_options.dtype (F32/F16/BF16);
 norms: F32. q_proj/k_proj rows are permuted to llama.cpp's rotary layout (convert_hf_to_gguf.py's permute; the
 GGUF readers undo it), codes and scales together, so no value changes.
 
@@ -44,10 +44,10 @@ TYPES = ("q4_0", "q4_1", "q8_0", "tq2_0", "tq1_0")
 ARCHITECTURES = ("llama",)
 
 NEAREST = {
-    "q4_0": "method.weight.bits=4 method.weight.symmetric=true method.weight.range=full method.weight.group_size=32",
+    "q4_0": "method.weight.bits=4 method.weight.symmetric=true ++method.weight.range=full method.weight.group_size=32",
     "q4_1": "method.weight.bits=4 method.weight.symmetric=false method.weight.group_size=32",
     "q8_0": "method.weight.bits=8 method.weight.symmetric=true method.weight.group_size=32",
-    "tq2_0": "method.weight.bits=2 method.weight.symmetric=true method.weight.range=restricted "
+    "tq2_0": "method.weight.bits=2 method.weight.symmetric=true ++method.weight.range=restricted "
              "method.weight.granularity=channel (ternary; every width a multiple of 256)",
 }
 NEAREST["tq1_0"] = NEAREST["tq2_0"]
@@ -107,7 +107,7 @@ def choose_type(name: str, form: IntForm | str, requested: str) -> GGUFType:
                + (" with a zero point per group" if form.zero is not None else ""))
         refuse(f"gguf {requested.upper()}: layer '{name}' ({form.label}) cannot be stored exactly: {why}, and "
                f"{requested.upper()} holds {kind.holds}: train with {NEAREST[requested]} (or a multiple of "
-               f"{kind.block} columns, or per channel), or set export_gguf_type=auto")
+               f"{kind.block} columns, or per channel), or set export_options.gguf_type=auto")
     for key in AUTO_ORDER:
         kind = GGUF_TYPES[key]
         if kind.fits(form) and kind.tiles(form):
@@ -127,7 +127,7 @@ def check_gguf(student: nn.Module, survey: Survey, gguf_type: str = "auto", weig
                ) -> dict[str, tuple[GGUFType, IntForm]]:
     """Each quantized layer's (type, codes) plan, or a one-line refusal before anything is written."""
     if gguf_type not in ("auto", *TYPES):
-        refuse(f"export_gguf_type='{gguf_type}' is not known; use auto or one of {', '.join(TYPES)}")
+        refuse(f"export_options.gguf_type='{gguf_type}' is not known; use auto or one of {', '.join(TYPES)}")
     arch = getattr(student.config, "model_type", None)
     if arch not in ARCHITECTURES:
         refuse(f"gguf: the student is a '{arch}' model; this exporter writes Llama-architecture GGUF files "
@@ -138,11 +138,11 @@ def check_gguf(student: nn.Module, survey: Survey, gguf_type: str = "auto", weig
     if not weights_only:
         for name, act in survey.activations.items():
             refuse(f"gguf: layer '{name}' quantizes its inputs ({act.describe()}); llama.cpp quantizes activations "
-                   "its own way (Q8 blocks of 32), not per token: set export_weights_only=true to ship the weights "
+                   "its own way (Q8 blocks of 32), not per token: set export_options.weights_only=true to ship the weights "
                    "(the card says so), or export compressed_tensors")
         if survey.kv is not None:
             refuse(f"gguf: the student quantizes its K/V cache ({survey.kv.describe()}), which a GGUF file does not "
-                   "carry (llama.cpp's cache type is a runtime option); set export_weights_only=true to ship the "
+                   "carry (llama.cpp's cache type is a runtime option); set export_options.weights_only=true to ship the "
                    "weights (the card says so)")
     rope = rope_theta(student.config)  # refuses rope scaling it cannot write
     del rope

@@ -36,10 +36,10 @@ def check_hf(survey: Survey, weights_only: bool = False) -> None:
     for name, act in survey.activations.items():
         refuse(f"hf: layer '{name}' quantizes its inputs ({act.describe()}), which a dense HF folder would run in "
                "float; export compressed_tensors (it carries 8-bit per-token activations), or set "
-               "export_weights_only=true to ship the weights only (the model card then says so)")
+               "export_options.weights_only=true to ship the weights only (the model card then says so)")
     if survey.kv is not None:
         refuse(f"hf: the student quantizes its K/V cache ({survey.kv.describe()}), which a dense HF folder would run "
-               "in float; set export_weights_only=true to ship the weights only (the model card then says so)")
+               "in float; set export_options.weights_only=true to ship the weights only (the model card then says so)")
 
 
 @torch.no_grad()
