@@ -274,6 +274,9 @@ def results_table(results: dict[str, Any], cfg: DictConfig) -> str:
     if "test/ppl_rtn" in results:
         rows.append(("rtn", bits + group, results["test/ppl_rtn"]))
     rows.append((f"{results['method']} (student)", bits + group, results["test/ppl_student"]))
+    for fmt in ship.FORMATS:  # each export as its consumer reloaded it, on the same windows
+        if f"test/ppl_{fmt}" in results:
+            rows.append((f"{results['method']} ({fmt} export, reloaded)", bits + group, results[f"test/ppl_{fmt}"]))
     windows = results["test/windows"]
     note = (
         f"test PPL: {windows} windows x {cfg.data.eval_block_size} tokens of '{cfg.data.source}' test split"

@@ -386,7 +386,8 @@ def export_gguf(student: nn.Module, path: str | Path, plan: dict[str, tuple[GGUF
     for kind, _ in plan.values():
         counts[kind.name] = counts.get(kind.name, 0) + 1
     main = max(counts, key=counts.get) if counts else None
-    file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{main.upper()}") if main else gguf.LlamaFileType.ALL_F32
+    dense_type = {"float16": gguf.LlamaFileType.MOSTLY_F16, "bfloat16": gguf.LlamaFileType.MOSTLY_BF16}
+    file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{main.upper()}") if main else dense_type.get(dtype, gguf.LlamaFileType.ALL_F32)
     writer = gguf.GGUFWriter(str(path / GGUF_FILE), "llama")
     write_hparams(writer, config, name, file_type)
     write_tokenizer(writer, tokenizer, config.vocab_size)
