@@ -30,7 +30,7 @@ COLUMNS = (
 
 # PPLs that must be finite for a run to count: a non-finite one records the run as failed.
 MUST_BE_FINITE = ("test/ppl_teacher", "test/ppl_student", "test/ppl_packed", "test/ppl_hf", "test/ppl_compressed_tensors",
-                  "test/ppl_gguf")
+                  "test/ppl_gguf", "test/ppl_gguf_llama_cpp")
 
 
 def nonfinite_failure(results: dict[str, Any]) -> str | None:

@@ -25,7 +25,7 @@ from qatlab.errors import QatlabError, RunFailed, require
 from qatlab.eval.perplexity import perplexity
 from qatlab.eval.table import markdown_table
 from qatlab.eval import zero_shot
-from qatlab.export import ship
+from qatlab.export import llama_cpp, ship
 from qatlab.models import load_causal_lm
 from qatlab.recipes import Recipe, build_recipe
 from qatlab.stages import StageContext
@@ -192,6 +192,8 @@ def finish(trainer: L.Trainer, recipe: Recipe, student: torch.nn.Module, cfg: Di
             model = ship.load(fmt, written[fmt], dtype=cfg.model.student_dtype)
             results[f"test/ppl_{fmt}"] = evaluate(model, test_blocks, cfg, fmt)
             del model
+            if fmt == "gguf" and llama_cpp.available():  # llama.cpp itself, only where llama-cpp-python is installed
+                results["test/ppl_gguf_llama_cpp"] = llama_cpp.perplexity(written[fmt] / ship.GGUF_FILE, test_blocks)
     failure = nonfinite_failure(results)
     if failure:
         results.update(status="failed", error=failure)

@@ -285,3 +285,30 @@ def test_a_run_ships_every_format_and_scores_each_reloaded_export(tmp_path):
     assert (export_dir / "hf" / "README.md").read_text().count("rtn") >= 1
     row = json.loads((tmp_path / "results.json").read_text())
     assert {f"test/ppl_{f}" for f in ship.FORMATS} <= set(row)
+
+
+def test_llama_cpp_perplexity_follows_the_pinned_protocol(tmp_path, tiny_llama_model, monkeypatch):
+    """llama-cpp-python is optional (not installed in CI): a stand-in Llama serving the student's logits checks the
+    protocol code (each window alone, tokens 2..T) against qatlab's evaluator on the same windows."""
+    import sys
+    import types
+
+    from qatlab.eval.perplexity import perplexity
+    from qatlab.export import llama_cpp
+
+    student = student_of(tiny_llama_model, *SYM_FULL_G32)
+
+    class FakeLlama:
+        def __init__(self, model_path, n_ctx, logits_all, n_threads, verbose):
+            assert logits_all and n_ctx == 16
+            self.scores = None
+
+        def reset(self):
+            self.scores = None
+
+        def eval(self, tokens):
+            self.scores = logits(student, torch.tensor([tokens]))[0].numpy()
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    blocks = torch.randint(0, 128, (3, 16))
+    assert math.isclose(llama_cpp.perplexity(tmp_path / "model.gguf", blocks), perplexity(student, blocks), rel_tol=1e-6)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ import hydra
 import torch
 from omegaconf import OmegaConf
 
-from qatlab.eval.perplexity import next_token_nll, perplexity
+from qatlab.eval.perplexity import perplexity
+from qatlab.export import llama_cpp
 from qatlab.export.gguf import GGUF_FILE, export_gguf
 from qatlab.models import load_causal_lm
 from qatlab.train import model_loader_args
@@ -39,21 +39,6 @@ def test_windows(cfg, tokenizer) -> torch.Tensor:
     datamodule.set_tokenizer(tokenizer)
     datamodule.setup("fit")
     return datamodule.test_blocks()
-
-
-def llama_cpp_ppl(gguf_path: Path, blocks: torch.Tensor, threads: int) -> float:
-    """llama.cpp's PPL under qatlab's protocol: each window alone, NLL of tokens 2..T from its logits."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf_path), n_ctx=blocks.shape[1], logits_all=True, n_threads=threads, verbose=False)
-    nll, count = 0.0, 0
-    for window in blocks:
-        llm.reset()
-        llm.eval(window.tolist())
-        logits = torch.tensor(llm.scores[: len(window)])[None]  # (1, T, V)
-        token_nll = next_token_nll(logits, window[None])
-        nll, count = nll + float(token_nll.sum()), count + token_nll.numel()
-    return math.exp(nll / count)
 
 
 def llama_cpp_decode_speed(gguf_path: Path, prompt: list[int], tokens: int, threads: int) -> float:
@@ -106,13 +91,11 @@ def main() -> None:
     out["f16_gguf_bytes"] = (f16_dir / GGUF_FILE).stat().st_size
 
     if args.llama_cpp:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
+        if not llama_cpp.available():
             sys.exit("--llama-cpp needs llama-cpp-python (pip install llama-cpp-python; it compiles llama.cpp from "
                      "source where no wheel fits the platform)")
-        out["test/ppl_llama_cpp_gguf"] = llama_cpp_ppl(quant_gguf, blocks, args.threads)
-        out["test/ppl_llama_cpp_f16"] = llama_cpp_ppl(f16_dir / GGUF_FILE, blocks, args.threads)
+        out["test/ppl_llama_cpp_gguf"] = llama_cpp.perplexity(quant_gguf, blocks, args.threads)
+        out["test/ppl_llama_cpp_f16"] = llama_cpp.perplexity(f16_dir / GGUF_FILE, blocks, args.threads)
         prompt = blocks[0, :64].tolist()
         out["decode_tok_s_gguf"] = llama_cpp_decode_speed(quant_gguf, prompt, args.decode_tokens, args.threads)
         out["decode_tok_s_f16"] = llama_cpp_decode_speed(f16_dir / GGUF_FILE, prompt, args.decode_tokens, args.threads)

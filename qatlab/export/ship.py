@@ -15,6 +15,7 @@ The packed export stays at the folder's root (where `export=true` has always put
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,5 +160,9 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype) -> nn.Module:
 
     groups = json.loads((path / "config.json").read_text())["quantization_config"]["config_groups"].values()
     asymmetric = any(not g["weights"]["symmetric"] and g["format"] == "pack-quantized" for g in groups)
-    extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if asymmetric else {}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).eval()
+    if not asymmetric:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    with warnings.catch_warnings():  # "the quantization_config from the model will be used": only dequantize differs
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        config = CompressedTensorsConfig(dequantize=True)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=config).eval()
