@@ -15,7 +15,7 @@ EXTRA=${EXTRA:-}
 TASK=${TASK:-race_w2_g64}
 COMMON="results_file=$STORE logger=none callbacks=none +trainer.enable_checkpointing=false task_name=$TASK"
 B="budget.cpu_minutes=$BUDGET budget.points=$POINTS budget.schedule=cosine scheduler=constant trainer.max_steps=1000000 \
-   trainer.limit_val_batches=0"
+   +trainer.limit_val_batches=0"
 declare -A RECIPE=(
   [kd]="experiment=kd_smollm2_w2 method.weight.group_size=64 optimizer.lr=5e-4"
   [bitdistiller]="experiment=bitdistiller_smollm2_w2"
