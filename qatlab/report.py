@@ -85,19 +85,19 @@ def plot_series(rows: list[dict[str, Any]], by: str = "method") -> dict[str, lis
         x = r.get("bits_per_weight")
         if r.get("status", "ok") != "ok" or x is None:
             continue
-        if _finite(r.get("test/ppl_student")):
+        if finite(r.get("test/ppl_student")):
             add(str(r.get(by)), float(x), float(r["test/ppl_student"]))
-        if _finite(r.get("test/ppl_rtn")) and r.get("method") != "rtn":
+        if finite(r.get("test/ppl_rtn")) and r.get("method") != "rtn":
             add("rtn", float(x), float(r["test/ppl_rtn"]))
     return {label: sorted(xy.items()) for label, xy in sorted(points.items())}
 
 
-def _finite(value: Any) -> bool:
+def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def teacher_ppl(rows: list[dict[str, Any]]) -> float | None:
-    values = sorted(r["test/ppl_teacher"] for r in rows if _finite(r.get("test/ppl_teacher")))
+    values = sorted(r["test/ppl_teacher"] for r in rows if finite(r.get("test/ppl_teacher")))
     return values[len(values) // 2] if values else None
 
 
@@ -122,6 +122,13 @@ def plot(rows: list[dict[str, Any]], path: str | Path, by: str = "method") -> Pa
     ax.set_title(f"PPL vs bits: {', '.join(models) or 'no runs'}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """tight_layout, write (making the folder), close; the report's plots all end so."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

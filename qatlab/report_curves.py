@@ -7,15 +7,12 @@ GPTQ) and every run's own RTN baseline at the same bits are horizontal reference
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
+from qatlab.report import finite, save_figure, teacher_ppl
+
 REFERENCE_METHODS = ("rtn", "gptq")
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def curve_series(rows: list[dict[str, Any]], by: str = "method") -> dict[str, list[dict[str, Any]]]:
@@ -23,7 +20,7 @@ def curve_series(rows: list[dict[str, Any]], by: str = "method") -> dict[str, li
     series: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("status", "ok") == "ok" and r.get("curve"):
-            series[str(r.get(by))] = [p for p in r["curve"] if _finite(p.get("ppl"))]
+            series[str(r.get(by))] = [p for p in r["curve"] if finite(p.get("ppl"))]
     return series
 
 
@@ -34,9 +31,9 @@ def reference_lines(rows: list[dict[str, Any]]) -> dict[str, float]:
         if r.get("status", "ok") != "ok":
             continue
         bits = f"W{r.get('w_bits_label', r.get('w_bits'))} g{r.get('group_size')}"
-        if r.get("method") in REFERENCE_METHODS and _finite(r.get("test/ppl_student")):
+        if r.get("method") in REFERENCE_METHODS and finite(r.get("test/ppl_student")):
             lines[f"{r['method']} {bits}"] = float(r["test/ppl_student"])
-        elif r.get("curve") and _finite(r.get("test/ppl_rtn")):
+        elif r.get("curve") and finite(r.get("test/ppl_rtn")):
             lines.setdefault(f"rtn {bits} ({r.get('w_grid', '')})", float(r["test/ppl_rtn"]))
     return lines
 
@@ -58,21 +55,15 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, by: str = "method"
             ax.plot([p[x_key] for p in points], [p["ppl"] for p in points], marker="o", label=label)
         for i, (label, ppl) in enumerate(sorted(reference_lines(rows).items())):
             ax.axhline(ppl, linestyle="--", color=f"C{(len(series) + i) % 10}", alpha=0.7, label=f"{label}: {ppl:.1f}")
-        teachers = sorted(r["test/ppl_teacher"] for r in rows if _finite(r.get("test/ppl_teacher")))
-        if teachers:
-            ax.axhline(teachers[len(teachers) // 2], color="black", linestyle=":", label="teacher")
+        if teacher_ppl(rows) is not None:
+            ax.axhline(teacher_ppl(rows), color="black", linestyle=":", label="teacher")
         ax.set_yscale("log")
         ax.set_xlabel(x_label)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("test perplexity (log)")
     axes[1].legend(fontsize=7, loc="upper right")
     fig.suptitle("PPL vs compute")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def curve_table(rows: list[dict[str, Any]], by: str = "method") -> str:

@@ -339,9 +339,10 @@ def check_loaded(cfg: DictConfig, method: Any, model: torch.nn.Module, tokenizer
         require(not (method.trains and loss is not None and loss.needs_hidden_states),
                 f"loss '{getattr(loss, 'name', '')}' of method '{method.name}' needs the teacher's hidden states, which "
                 "the teacher cache does not hold; set teacher_cache.enabled=false (or loss.hidden_mse=0)")
-    if method.kv_config is not None and method.kv_placement.position == "post_rope":
+    if method.kv_config is not None:  # pre_rope hooks k_proj/v_proj through the layer map; post_rope also the interface
         model_type = getattr(model.config, "model_type", None)
-        require(model_type in LAYER_MAPS and getattr(model, "_supports_attention_backend", False),
+        post_rope = method.kv_placement.position == "post_rope"
+        require(model_type in LAYER_MAPS and (not post_rope or getattr(model, "_supports_attention_backend", False)),
                 f"method.kv.bits={method.kv_config.bits} needs attention hooks (transformers' attention interface "
                 f"and a qatlab layer map), which {type(model).__name__} (model_type '{model_type}') does not have; "
                 "set method.kv=null for this model")

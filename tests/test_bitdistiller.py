@@ -50,17 +50,17 @@ def test_options_are_checked_with_one_line_messages(tmp_path):
     assert bitdistiller(tmp_path, "stages.train.enabled=false").trains is False
 
 
-def test_gamma_is_measured_over_the_first_batches_then_fixed_and_restorable(tmp_path):
-    method = bitdistiller(tmp_path, "loss.gamma_batches=2")
+def test_running_gamma_is_measured_over_the_first_batches_then_fixed_and_restorable(tmp_path):
+    method = bitdistiller(tmp_path, "loss.gamma_batches=2", "loss.gamma=running")  # the pre-pass: test_fidelity.py
     torch.manual_seed(0)
     logits = [torch.randn(2, 5, 7) * s for s in (1.0, 3.0, 10.0)]
     sums = [top1_probability_sum(t)[0].item() for t in logits]
-    student = SimpleNamespace(logits=torch.zeros(2, 5, 7))
-    out = [method.loss(student, SimpleNamespace(logits=t), {})["cakld_gamma"].item() for t in logits]
+    student, batch = SimpleNamespace(logits=torch.zeros(2, 5, 7)), {"input_ids": torch.zeros(2, 5, dtype=torch.long)}
+    out = [method.loss(student, SimpleNamespace(logits=t), batch)["cakld_gamma"].item() for t in logits]
     assert out[0] == pytest.approx(sums[0] / 10, rel=1e-5)  # running mean while measuring
     assert out[1] == pytest.approx((sums[0] + sums[1]) / 20, rel=1e-5)
     assert out[2] == out[1] and method.loss.gamma_fixed  # the third batch no longer moves it
-    resumed = bitdistiller(tmp_path, "loss.gamma_batches=2")
+    resumed = bitdistiller(tmp_path, "loss.gamma_batches=2", "loss.gamma=running")
     resumed.load_state_dict(method.state_dict())
     assert resumed.loss.gamma == method.loss.gamma and resumed.loss.gamma_fixed
 
@@ -72,7 +72,7 @@ def test_every_loss_trains_the_tiny_student(tmp_path, loss):
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
     teacher = LlamaForCausalLM(config).eval()
-    method = bitdistiller(tmp_path, f"loss={loss}", *(["loss.gamma_batches=2"] if loss == "cakld" else []))
+    method = bitdistiller(tmp_path, f"loss={loss}", *(["loss.gamma_batches=2", "loss.gamma=running"] if loss == "cakld" else []))
     student = make_student(teacher, method, "float32")
     method.initialize(student, teacher, batches())
     module = QATModule(teacher, student, method.loss, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))

@@ -157,13 +157,17 @@ def test_loss_parts_and_hidden_states_switch():
     hidden = [tuple(torch.randn(1, 3, 4) for _ in range(3)) for _ in range(2)]
     student = SimpleNamespace(logits=logits[0], hidden_states=hidden[0])
     teacher = SimpleNamespace(logits=logits[1], hidden_states=hidden[1])
+    batch = {"input_ids": torch.zeros(1, 3, dtype=torch.long)}
     loss = compose_recipe("onebit", ["loss.hidden_mse=0.5"]).loss
-    out = loss(student, teacher, {})
+    out = loss(student, teacher, batch)
     assert loss.needs_hidden_states and set(out) == {"loss", "forward_kl", "hidden_mse"}
     assert out["hidden_mse"] == pytest.approx(normalized_hidden_mse(hidden[0][1:], hidden[1][1:]).item())
-    assert out["loss"].item() == pytest.approx(out["forward_kl"].item() + 0.5 * out["hidden_mse"].item())
+    # the reference's total: 0.01 x the KL summed over a sequence's 3 tokens (batch mean) + beta x hidden
+    assert (loss.scale, loss.reduction) == (0.01, "sequence_sum")
+    kl = out["forward_kl"].item() * 3
+    assert out["loss"].item() == pytest.approx(0.01 * kl + 0.5 * out["hidden_mse"].item())
     off = compose_recipe("onebit", ["loss.hidden_mse=0"]).loss
-    assert not off.needs_hidden_states and set(off(student, teacher, {})) == {"loss", "forward_kl"}
+    assert not off.needs_hidden_states and set(off(student, teacher, batch)) == {"loss", "forward_kl"}
 
 
 def test_non_finite_loss_is_caught_by_the_guard(tiny_llama_model):
@@ -185,7 +189,7 @@ def test_non_finite_loss_is_caught_by_the_guard(tiny_llama_model):
     ("overrides", "message"),
     [
         (["quantizer.surrogate=sigmoid"], r"quantizer.surrogate='sigmoid' is not known"),
-        (["loss.hidden_mse=-1.0"], r"loss.hidden_mse=-1.0 must be a number >= 0"),
+        (["loss.hidden_mse=-1.0"], r"loss.hidden_mse=-1.0 must be a finite number >= 0"),
         (["init.method=kmeans"], r"init.method='kmeans' is not known; use one of \['svid', 'svd'\]"),
         (["init.latent_scale=0"], r"init.latent_scale=0 must be > 0"),
         (["method.weight.bits=2"], r"keep method.weight \{bits: 1, symmetric: true\}"),

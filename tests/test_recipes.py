@@ -47,7 +47,7 @@ def test_unknown_method_key_names_it_and_the_valid_ones():
 
 
 def test_unknown_quantizer_option_fails_before_any_layer_is_built():
-    with pytest.raises(QatlabError, match=r"quantizer \(qatlab.quantizers.LSQ\) has no option\(s\) \['initt'\]"):
+    with pytest.raises(QatlabError, match=r"quantizer \(qatlab.quantizers.lsq.LSQ\) has no option\(s\) \['initt'\]"):
         compose_recipe("lsq", ["+quantizer.initt=lsq"])
 
 
@@ -144,7 +144,7 @@ def test_checkpoints_hold_the_student_and_the_recipe_state(tiny_llama_model):
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
     assert checkpoint["state_dict"] and not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
-    assert checkpoint["qatlab_recipe"] == {"loss": {"top1_sum": 0.0, "top1_count": 0, "gamma_steps": 0}}
+    assert checkpoint["qatlab_recipe"] == {"loss": {"top1_sum": 0.0, "top1_count": 0, "gamma_steps": 0, "prepass_gamma": None}}
     module.train()
     assert module.student.training and not module.teacher.training
 

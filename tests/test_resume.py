@@ -27,7 +27,7 @@ CHECKPOINT_EVERY_STEP = [
 KEEP_EACH = ["callbacks.model_checkpoint.save_top_k=-1", "+callbacks.model_checkpoint.filename='{step}'"]
 # 4 blocks of batch 2: an epoch is 2 steps, so 6 steps cross two epoch boundaries.
 SHORT_EPOCHS = ["data.max_train_blocks=4"]
-BITDISTILLER = ["method=bitdistiller", "loss.gamma_batches=4", "init.grid=2", "init_batches=1"]
+BITDISTILLER = ["method=bitdistiller", "loss.gamma=running", "loss.gamma_batches=4", "init.grid=2", "init_batches=1"]
 
 
 def make_cfg(out, *overrides):

@@ -25,9 +25,13 @@ ATTN_W8 = {"self_attn": {"bits": 8}}
 A8 = {"bits": 8, "symmetric": True, "granularity": "token"}
 
 
+# qatlab's per-row groups with the restricted grid (the reference's flattened chunks: tests/test_fidelity.py)
+PER_ROW_GROUPS = ["method.weight.granularity=group", "+method.weight.group_size=32", "method.weight.range=restricted"]
+
+
 def zeroquant(*overrides):
-    """The zeroquant recipe from conf/ with group size 32 (the tiny model's width is 64)."""
-    return compose_recipe("zeroquant", ["method.weight.group_size=32", *overrides])
+    """The zeroquant recipe from conf/ with per-row groups of 32 (the tiny model's width is 64)."""
+    return compose_recipe("zeroquant", [*PER_ROW_GROUPS, *overrides])
 
 
 # ---- hand-written reference quantizers ------------------------------------------------------------
@@ -238,7 +242,7 @@ def test_blockwise_options_are_checked():
     with pytest.raises(QatlabError, match=r"stages.lkd.precision='bf16-true' is not supported"):
         zeroquant("stages.lkd.precision=bf16-true")
     with pytest.raises(QatlabError, match=r"student_input=teacher with target_input=student"):
-        zeroquant("stages.lkd.student_input=teacher")
+        zeroquant("stages.lkd.target_input=student")  # the default student_input is teacher
     with pytest.raises(QatlabError, match=r"stages.lkd.lr=inf must be a finite number > 0"):
         zeroquant("stages.lkd.lr=inf")
     assert zeroquant("stages.lkd.enabled=false").trains is False

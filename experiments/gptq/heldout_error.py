@@ -21,7 +21,7 @@ from qatlab.data.corpora import load_gensim_wiki
 from qatlab.data.packing import pack_documents
 from qatlab.models import load_causal_lm
 from qatlab.models.layer_maps import decoder_blocks
-from qatlab.quantizers import gptq as G
+from qatlab.inits import gptq_solver as G
 from qatlab.inits.clip_search import GramHook, capture_block_inputs, run_block
 from qatlab.quantizers.spec import QuantConfig
 from qatlab.quantizers.primitives import fake_quantize
