@@ -206,14 +206,14 @@ def test_a_failing_results_store_write_loses_no_numbers(tmp_path, monkeypatch, c
 def test_a_failing_export_write_loses_no_numbers(tmp_path, monkeypatch, capsys):
     import errno
 
-    import qatlab.train as train_module
+    import qatlab.export.ship as ship_module
     from qatlab.errors import QatlabError
 
     def disk_full(student, path, **kwargs):
         (Path(path) / "model.safetensors").write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train_module, "export_packed", disk_full)
+    monkeypatch.setattr(ship_module, "export_packed", disk_full)
     with pytest.raises(QatlabError, match=rf"export to '{tmp_path}/export' failed \(No space left on device\); the run's "
                                           rf"numbers are in {tmp_path}/results.json and the table above"):
         train(make_cfg(tmp_path, "experiment=tiny_smoke", "method=rtn", "export=true", f"results_file={tmp_path}/r.jsonl"))
