@@ -213,7 +213,12 @@ def export(recipe: Recipe, student: torch.nn.Module, cfg: DictConfig, options: s
            results: dict[str, Any], tokenizer: Any) -> dict[str, Path]:
     """Write every format of `export=` into <output_dir>/export (checked first: a refusal writes nothing)."""
     out = Path(cfg.paths.output_dir)
-    plans = ship.plan(options, student)
+    try:  # checked after init too; a grid that training moved off the format (e.g. learned zero points) lands here
+        plans = ship.plan(options, student)
+    except QatlabError as e:  # refused before any file: keep the run's numbers
+        print(results_table(results, cfg))
+        write_results(out, {**results, "status": "failed", "error": f"export refused: {e}"}, None)
+        raise QatlabError(f"{e} (nothing was exported; the run's numbers are in {out / 'results.json'})") from None
     facts = recipe.describe()
     try:
         with atomic_dir(out / "export") as tmp:  # a kill mid-export leaves the old export or none, never half

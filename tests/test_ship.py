@@ -312,3 +312,28 @@ def test_llama_cpp_perplexity_follows_the_pinned_protocol(tmp_path, tiny_llama_m
     monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
     blocks = torch.randint(0, 128, (3, 16))
     assert math.isclose(llama_cpp.perplexity(tmp_path / "model.gguf", blocks), perplexity(student, blocks), rel_tol=1e-6)
+
+
+def test_a_refusal_at_export_time_keeps_the_runs_numbers(tmp_path, monkeypatch):
+    """A grid that training moved off the format is refused at the end too, and results.json keeps the PPLs."""
+    import json
+
+    from tests.test_onebit import make_cfg
+
+    calls = []
+    real_plan = ship.plan
+
+    def plan_refusing_the_second_time(options, student):
+        calls.append(1)
+        if len(calls) == 2:
+            raise QatlabError("gguf: layer 'x' (learned zero points) refused")
+        return real_plan(options, student)
+
+    monkeypatch.setattr(ship, "plan", plan_refusing_the_second_time)
+    cfg = make_cfg(tmp_path, "experiment=tiny_smoke", "method=rtn", *SYM_FULL_G32, "eval.rtn_baseline=false",
+                   "export=gguf")
+    with pytest.raises(QatlabError, match=r"refused \(nothing was exported; the run's numbers are in .*results.json\)"):
+        train(cfg)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "failed" and math.isfinite(saved["test/ppl_student"])
+    assert not (tmp_path / "export").exists()
