@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from qatlab.export.bitpack import pack_dense
-from qatlab.export.hf import conv1d_layers
+from qatlab.export.hf import conv1d_layers, write_sidecars
 from qatlab.export.int_form import IntForm, int_form
 from qatlab.export.manifest import check_dtype
 from qatlab.export.survey import Survey, refuse
@@ -191,9 +191,4 @@ def export_compressed_tensors(student: nn.Module, path: str | Path, plan: dict[s
     (path / "config.json").write_text(json.dumps(config, indent=2, default=str))
     if getattr(student, "generation_config", None) is not None:
         student.generation_config.save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    (path / "qatlab_manifest.json").write_text(json.dumps(facts or {}, indent=2, default=str))
-    if card:
-        (path / "README.md").write_text(card)
-    return path
+    return write_sidecars(path, tokenizer, facts, card)

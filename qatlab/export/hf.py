@@ -62,6 +62,11 @@ def export_hf(student: nn.Module, path: str | Path, facts: dict[str, Any] | None
     config = json.loads((path / "config.json").read_text())
     config["dtype"] = dtype
     (path / "config.json").write_text(json.dumps(config, indent=2))
+    return write_sidecars(path, tokenizer, facts, card)
+
+
+def write_sidecars(path: Path, tokenizer: Any, facts: dict[str, Any] | None, card: str | None) -> Path:
+    """What every HF-style export folder carries beside its weights: tokenizer, qatlab_manifest.json, README.md."""
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     (path / "qatlab_manifest.json").write_text(json.dumps(facts or {}, indent=2, default=str))
