@@ -284,6 +284,8 @@ def results_table(results: dict[str, Any], cfg: DictConfig) -> str:
     for fmt in ship.FORMATS:  # each export as its consumer reloaded it, on the same windows
         if f"test/ppl_{fmt}" in results:
             rows.append((f"{results['method']} ({fmt} export, reloaded)", bits + group, results[f"test/ppl_{fmt}"]))
+    if "test/ppl_gguf_llama_cpp" in results:
+        rows.append((f"{results['method']} (gguf export, llama.cpp)", bits + group, results["test/ppl_gguf_llama_cpp"]))
     windows = results["test/windows"]
     note = (
         f"test PPL: {windows} windows x {cfg.data.eval_block_size} tokens of '{cfg.data.source}' test split"

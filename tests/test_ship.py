@@ -9,6 +9,7 @@ transformers' loaders). Tolerances, per format, with float32 storage (export_opt
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,6 +313,38 @@ def test_llama_cpp_perplexity_follows_the_pinned_protocol(tmp_path, tiny_llama_m
     monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
     blocks = torch.randint(0, 128, (3, 16))
     assert math.isclose(llama_cpp.perplexity(tmp_path / "model.gguf", blocks), perplexity(student, blocks), rel_tol=1e-6)
+
+
+def test_a_run_scores_its_gguf_in_llama_cpp_where_installed(tmp_path, monkeypatch, capsys):
+    """With llama-cpp-python present, eval.exports also scores the written GGUF file through it: a stand-in Llama
+    that reads that very file (transformers' GGUF reader) checks the wiring, the results key and the table row."""
+    import sys
+    import types
+
+    from qatlab.export import llama_cpp
+    from tests.test_onebit import make_cfg
+
+    opened = []
+
+    class GgufFileLlama:
+        def __init__(self, model_path, n_ctx, logits_all, n_threads, verbose):
+            opened.append(Path(model_path))
+            self.model = ship.load("gguf", Path(model_path).parent, dtype="float32")
+
+        def reset(self):
+            self.scores = None
+
+        def eval(self, tokens):
+            self.scores = logits(self.model, torch.tensor([tokens]))[0].numpy()
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=GgufFileLlama))
+    monkeypatch.setattr(llama_cpp, "available", lambda: True)
+    cfg = make_cfg(tmp_path, "experiment=tiny_smoke", "method=rtn", *SYM_FULL_G32, "eval.rtn_baseline=false",
+                   "export=gguf", "eval.exports=true")
+    results = train(cfg)
+    assert opened == [tmp_path / "export" / "gguf" / ship.GGUF_FILE]
+    assert math.isclose(results["test/ppl_gguf_llama_cpp"], results["test/ppl_gguf"], rel_tol=1e-6)
+    assert "rtn (gguf export, llama.cpp)" in capsys.readouterr().out
 
 
 def test_a_refusal_at_export_time_keeps_the_runs_numbers(tmp_path, monkeypatch):
