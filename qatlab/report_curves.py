@@ -16,11 +16,15 @@ REFERENCE_METHODS = ("rtn", "gptq")
 
 
 def curve_series(rows: list[dict[str, Any]], by: str = "method") -> dict[str, list[dict[str, Any]]]:
-    """{label: curve points} for every successful run with a curve (the label's latest run wins)."""
+    """{label: curve points} for every successful run with a curve. The label is the run's `by` value, and its
+    task_name too when the runs span several tasks (a method raced on two grids is two lines); a label's latest
+    run wins (a rerun replaces its first run)."""
+    runs = [r for r in rows if r.get("status", "ok") == "ok" and r.get("curve")]
+    several_tasks = by != "task_name" and len({r.get("task_name") for r in runs}) > 1
     series: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        if r.get("status", "ok") == "ok" and r.get("curve"):
-            series[str(r.get(by))] = [p for p in r["curve"] if finite(p.get("ppl"))]
+    for r in runs:
+        label = f"{r.get(by)} ({r.get('task_name')})" if several_tasks else str(r.get(by))
+        series[label] = [p for p in r["curve"] if finite(p.get("ppl"))]
     return series
 
 
