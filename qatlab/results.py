@@ -24,7 +24,7 @@ COLUMNS = (
     "status", "task_name", "method", "quantizer", "init", "loss", "stages", "model", "w_bits", "a_bits", "kv_bits",
     "group_size", "w_grid", "w_bits_label", "dense_layers", "bits_per_weight", "steps", "tokens_seen",
     "test/ppl_teacher", "test/ppl_rtn", "test/ppl_student", "compute/cpu_minutes", "curve", "time/wall_s", "device",
-    "git_commit", "output_dir", "finished_at",
+    "llama_cpp_error", "git_commit", "output_dir", "finished_at",
 )
 
 

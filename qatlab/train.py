@@ -193,7 +193,7 @@ def finish(trainer: L.Trainer, recipe: Recipe, student: torch.nn.Module, cfg: Di
             results[f"test/ppl_{fmt}"] = evaluate(model, test_blocks, cfg, fmt)
             del model
             if fmt == "gguf" and llama_cpp.available():  # llama.cpp itself, only where llama-cpp-python is installed
-                results["test/ppl_gguf_llama_cpp"] = llama_cpp.perplexity(written[fmt] / ship.GGUF_FILE, test_blocks)
+                score_in_llama_cpp(written[fmt] / ship.GGUF_FILE, test_blocks, results)
     failure = nonfinite_failure(results)
     if failure:
         results.update(status="failed", error=failure)
@@ -207,6 +207,17 @@ def finish(trainer: L.Trainer, recipe: Recipe, student: torch.nn.Module, cfg: Di
         logger.finalize("failed" if failure else "success")
     if failure:
         raise RunFailed(failure)
+
+
+def score_in_llama_cpp(gguf_file: Path, test_blocks: torch.Tensor, results: dict[str, Any]) -> None:
+    """test/ppl_gguf_llama_cpp, an optional extra score: if llama.cpp refuses the file, the run's numbers are still
+    written, with llama_cpp_error saying why (the training and the other scores stand)."""
+    try:
+        results["test/ppl_gguf_llama_cpp"] = llama_cpp.perplexity(gguf_file, test_blocks)
+    except Exception as e:  # noqa: BLE001 -- any llama.cpp failure (load, eval) must not lose a trained run
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        results["llama_cpp_error"] = f"{type(e).__name__}: {message}"[:500]
+        log.warning("llama.cpp could not score %s (%s); the other numbers are written", gguf_file, results["llama_cpp_error"])
 
 
 def export(recipe: Recipe, student: torch.nn.Module, cfg: DictConfig, options: ship.ExportOptions,
@@ -286,6 +297,8 @@ def results_table(results: dict[str, Any], cfg: DictConfig) -> str:
             rows.append((f"{results['method']} ({fmt} export, reloaded)", bits + group, results[f"test/ppl_{fmt}"]))
     if "test/ppl_gguf_llama_cpp" in results:
         rows.append((f"{results['method']} (gguf export, llama.cpp)", bits + group, results["test/ppl_gguf_llama_cpp"]))
+    if "llama_cpp_error" in results:
+        rows.append((f"{results['method']} (gguf export, llama.cpp)", bits + group, f"not scored: {results['llama_cpp_error']}"))
     windows = results["test/windows"]
     note = (
         f"test PPL: {windows} windows x {cfg.data.eval_block_size} tokens of '{cfg.data.source}' test split"

@@ -347,6 +347,35 @@ def test_a_run_scores_its_gguf_in_llama_cpp_where_installed(tmp_path, monkeypatc
     assert "rtn (gguf export, llama.cpp)" in capsys.readouterr().out
 
 
+def test_a_gguf_llama_cpp_refuses_still_writes_the_runs_numbers(tmp_path, monkeypatch, capsys):
+    """llama.cpp's score is an optional extra: a stand-in Llama that refuses the file (as llama.cpp does with a
+    GGUF it cannot load) leaves the run ok, its other PPLs written and the refusal in the row and the table."""
+    import json
+    import sys
+    import types
+
+    from qatlab.export import llama_cpp
+    from tests.test_onebit import make_cfg
+
+    class RefusingLlama:
+        def __init__(self, model_path, **kwargs):
+            raise ValueError(f"Failed to load model from file: {model_path}")
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=RefusingLlama))
+    monkeypatch.setattr(llama_cpp, "available", lambda: True)
+    store = tmp_path / "store.jsonl"
+    cfg = make_cfg(tmp_path, "experiment=tiny_smoke", "method=rtn", *SYM_FULL_G32, "eval.rtn_baseline=false",
+                   "export=gguf", "eval.exports=true", f"results_file={store}")
+    results = train(cfg)
+    written = json.loads((tmp_path / "results.json").read_text())
+    row = json.loads(store.read_text().splitlines()[-1])
+    assert written.get("status", "ok") == row["status"] == "ok" and "test/ppl_gguf_llama_cpp" not in written
+    assert math.isfinite(written["test/ppl_gguf"]) and written["test/ppl_gguf"] == results["test/ppl_gguf"]
+    assert row["llama_cpp_error"] == written["llama_cpp_error"]
+    assert row["llama_cpp_error"].startswith("ValueError: Failed to load model from file:")
+    assert "(gguf export, llama.cpp) | W" in capsys.readouterr().out
+
+
 def test_a_refusal_at_export_time_keeps_the_runs_numbers(tmp_path, monkeypatch):
     """A grid that training moved off the format is refused at the end too, and results.json keeps the PPLs."""
     import json
