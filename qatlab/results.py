@@ -58,10 +58,15 @@ def run_row(results: dict[str, Any], **context: Any) -> dict[str, Any]:
     return row
 
 
+def error_line(error: BaseException) -> str:
+    """'<Type>: <first line of the message>', at most 500 characters: what a row says of a failure."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{type(error).__name__}: {message}"[:500]
+
+
 def failed_row(error: BaseException, **context: Any) -> dict[str, Any]:
     """A row that records a failed sweep job, so the report shows the hole instead of hiding it."""
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return {"status": "failed", "error": f"{type(error).__name__}: {message}"[:500], **context,
+    return {"status": "failed", "error": error_line(error), **context,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 

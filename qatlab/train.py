@@ -29,7 +29,7 @@ from qatlab.export import llama_cpp, ship
 from qatlab.models import load_causal_lm
 from qatlab.recipes import Recipe, build_recipe
 from qatlab.stages import StageContext
-from qatlab.results import nonfinite_failure, run_row, write_results
+from qatlab.results import error_line, nonfinite_failure, run_row, write_results
 from qatlab.validate import check_loaded, validate_config
 
 log = logging.getLogger("qatlab")
@@ -215,8 +215,7 @@ def score_in_llama_cpp(gguf_file: Path, test_blocks: torch.Tensor, results: dict
     try:
         results["test/ppl_gguf_llama_cpp"] = llama_cpp.perplexity(gguf_file, test_blocks)
     except Exception as e:  # noqa: BLE001 -- any llama.cpp failure (load, eval) must not lose a trained run
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        results["llama_cpp_error"] = f"{type(e).__name__}: {message}"[:500]
+        results["llama_cpp_error"] = error_line(e)
         log.warning("llama.cpp could not score %s (%s); the other numbers are written", gguf_file, results["llama_cpp_error"])
 
 
