@@ -294,10 +294,9 @@ def results_table(results: dict[str, Any], cfg: DictConfig) -> str:
     for fmt in ship.FORMATS:  # each export as its consumer reloaded it, on the same windows
         if f"test/ppl_{fmt}" in results:
             rows.append((f"{results['method']} ({fmt} export, reloaded)", bits + group, results[f"test/ppl_{fmt}"]))
-    if "test/ppl_gguf_llama_cpp" in results:
-        rows.append((f"{results['method']} (gguf export, llama.cpp)", bits + group, results["test/ppl_gguf_llama_cpp"]))
-    if "llama_cpp_error" in results:
-        rows.append((f"{results['method']} (gguf export, llama.cpp)", bits + group, f"not scored: {results['llama_cpp_error']}"))
+    if "test/ppl_gguf_llama_cpp" in results or "llama_cpp_error" in results:  # scored, or why not
+        score = results.get("test/ppl_gguf_llama_cpp", f"not scored: {results.get('llama_cpp_error')}")
+        rows.append((f"{results['method']} (gguf export, llama.cpp)", bits + group, score))
     windows = results["test/windows"]
     note = (
         f"test PPL: {windows} windows x {cfg.data.eval_block_size} tokens of '{cfg.data.source}' test split"
